@@ -17,6 +17,7 @@ from headstart.params import load_params
 from headstart.stage import run
 
 log = logging.getLogger("headstart.prepare")
+MAX_ROWS = 30  # classes listed in the summary; report.json has them all
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -46,10 +47,13 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _summary(report: dict) -> None:
-    width = max(len(c) for c in report["counts"]) + 2
+    width = min(max(len(c) for c in report["counts"]), 40) + 2
     lines = [f"{'class':<{width}}" + "".join(f"{s:>8}" for s in SPLITS)]
-    for label, counts in report["counts"].items():
+    shown = list(report["counts"].items())
+    for label, counts in shown[:MAX_ROWS]:
         lines.append(f"{label:<{width}}" + "".join(f"{counts[s]:>8}" for s in SPLITS))
+    if len(shown) > MAX_ROWS:
+        lines.append(f"... {len(shown) - MAX_ROWS} more classes (see report.json)")
     lines.append(f"{'total':<{width}}" + "".join(f"{report['splits'][s]:>8}" for s in SPLITS))
     log.info(
         "%d images in %d classes:\n%s",

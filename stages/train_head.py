@@ -85,8 +85,9 @@ def main(argv: list[str] | None = None) -> None:
                 on_epoch=on_epoch,
                 desc="head",
             )
-            summary = {"best_epoch": result.best_epoch, "val_accuracy": result.best_val_accuracy}
-        live.summary.update({f"best_{k}" if k != "C" else k: v for k, v in summary.items()})
+            summary = {"best_epoch": result.best_epoch,
+                       "best_val_accuracy": result.best_val_accuracy}
+        live.summary.update(summary)
 
     save_checkpoint(
         args.head_model,

@@ -182,12 +182,26 @@ def _build_features_family(name: str) -> Callable[[str], Backbone]:
     def build(weights: str) -> Backbone:
         net = _torchvision_model(name, weights)
         features = list(net.features)
-        width = features[-1].out_channels if hasattr(features[-1], "out_channels") else None
-        if width is None:  # Conv2dNormActivation: its first layer is the conv
-            width = features[-1][0].out_channels
-        return Backbone(features[0], features[1:], Pool(), width=width)
+        # EfficientNet's middle entries are whole stages already; MobileNetV3 lists single
+        # inverted-residual blocks, so group consecutive blocks of one output width into stages.
+        stages: list[list[nn.Module]] = []
+        previous_width = None
+        for module in features[1:-1]:
+            width = _out_channels(module)
+            if width != previous_width or len(stages) == 0:
+                stages.append([])
+                previous_width = width
+            stages[-1].append(module)
+        blocks = [s[0] if len(s) == 1 else nn.Sequential(*s) for s in stages] + [features[-1]]
+        return Backbone(features[0], blocks, Pool(), width=_out_channels(features[-1]))
 
     return build
+
+
+def _out_channels(module: nn.Module) -> int:
+    """Output channels of a block: those of its last convolution."""
+    convs = [m for m in module.modules() if isinstance(m, nn.Conv2d)]
+    return convs[-1].out_channels
 
 
 def _build_convnext(name: str) -> Callable[[str], Backbone]:
@@ -230,7 +244,13 @@ def build_backbone(name: str, weights: str) -> Backbone:
     """Build a registered backbone with the given weights spec (see module docstring)."""
     if name not in BACKBONES:
         raise ValueError(f"backbone.name: unknown {name!r}; known: {', '.join(sorted(BACKBONES))}")
-    backbone = BACKBONES[name].build(weights)
+    if weights == "none":
+        # Random init from a fixed seed, so extract and finetune build the same network.
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            backbone = BACKBONES[name].build(weights)
+    else:
+        backbone = BACKBONES[name].build(weights)
     log.info(
         "backbone %s (weights: %s): %d blocks, %d features",
         name,

@@ -2,7 +2,8 @@
 
 An ImageFolder is `<root>/<class>/<image>`; images in sub-folders of a class folder belong to
 that class. Splits come from file content (sha256) and the seed, never from listing order, so
-identical bytes always land in the same split and adding images does not move existing ones.
+identical bytes always land in the same split and adding images does not move existing ones
+(except in classes so small that an image had to be moved to give them a val or test image).
 """
 
 from __future__ import annotations

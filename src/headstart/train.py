@@ -177,4 +177,4 @@ def fit_logreg(
     with torch.no_grad():
         head.weight.copy_(torch.from_numpy(weight).float())
         head.bias.copy_(torch.from_numpy(bias).float())
-    return head, {"C": c, "val_accuracy": accuracy}
+    return head, {"C": c, "best_val_accuracy": accuracy}

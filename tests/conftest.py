@@ -1,0 +1,155 @@
+"""Shared fixtures: a tiny synthetic ImageFolder and valid params, both made from scratch.
+
+Everything is generated with a fixed seed, so file bytes (and therefore content-hash splits)
+are the same on every run.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+CLASSES = ("bird", "cat", "dog")
+IMAGES_PER_CLASS = 12
+# (width, height): portrait, square and landscape, all small.
+SIZES = ((16, 20), (24, 24), (20, 16))
+COLOURS = {"bird": (40, 60, 220), "cat": (220, 50, 40), "dog": (40, 200, 60)}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Tiny tensors run fastest on one thread; with more, OpenMP threads spin against each other
+    # (and against anything else on the machine), which made a 32 px forward pass take seconds.
+    torch.set_num_threads(1)
+
+
+def draw_image(label: str, seed: int, size: tuple[int, int] = (24, 24)) -> np.ndarray:
+    """(H, W, 3) uint8: a class-specific pattern in a class-specific colour, plus noise.
+
+    cat: horizontal stripes, dog: vertical stripes, bird: a checkerboard. The pattern survives
+    conversion to greyscale; the colour tells the classes apart in RGB. The noise makes every
+    image's bytes unique (identical bytes would share a split and shrink the data).
+    """
+    width, height = size
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    if label == "cat":
+        ink = (y // 2) % 2
+    elif label == "dog":
+        ink = (x // 2) % 2
+    else:
+        ink = ((x // 4) + (y // 4)) % 2
+    colour = np.array(COLOURS.get(label, (128, 128, 128)), dtype=np.float64)
+    pixels = ink[..., None] * colour + (1 - ink[..., None]) * 25.0  # (H, W, 3)
+    pixels += rng.normal(0.0, 10.0, pixels.shape)
+    return np.clip(pixels, 0, 255).astype(np.uint8)
+
+
+def save_image(path: Path, label: str, seed: int, size=(24, 24), mode="RGB") -> Path:
+    """Write one synthetic image; the format follows the suffix (.png or .jpg)."""
+    image = Image.fromarray(draw_image(label, seed, size), "RGB")
+    if mode == "L":
+        image = image.convert("L")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() in (".jpg", ".jpeg"):
+        image.save(path, "JPEG", quality=90)
+    else:
+        image.save(path, "PNG")
+    return path
+
+
+def write_image_folder(root: Path) -> Path:
+    """3 classes x 12 images: PNG and JPEG, RGB and greyscale, three sizes."""
+    for class_index, label in enumerate(CLASSES):
+        for index in range(IMAGES_PER_CLASS):
+            suffix = ".png" if index % 2 == 0 else ".jpg"
+            mode = "L" if index % 3 == 0 else "RGB"
+            save_image(
+                root / label / f"{label}_{index:02d}{suffix}",
+                label,
+                seed=1000 * class_index + index,
+                size=SIZES[index % len(SIZES)],
+                mode=mode,
+            )
+    return root
+
+
+def valid_params() -> dict:
+    """A params mapping with the structure of the shipped params.yaml, sized for tests."""
+    return {
+        "data": {"dir": "images", "val_fraction": 0.15, "test_fraction": 0.15, "seed": 42},
+        "backbone": {"name": "efficientnet_lite0", "weights": "none", "image_size": 32},
+        "compute": {"device": "cpu", "num_workers": 0, "batch_size": 16},
+        "head": {
+            "kind": "linear",
+            "lr": 1.0e-2,
+            "weight_decay": 1.0e-4,
+            "epochs": 3,
+            "batch_size": 16,
+            "patience": 15,
+            "label_smoothing": 0.0,
+            "seed": 0,
+        },
+        "finetune": {
+            "unfreeze": 1,
+            "lr_head": 1.0e-3,
+            "lr_backbone": 1.0e-4,
+            "weight_decay": 1.0e-4,
+            "epochs": 1,
+            "batch_size": 8,
+            "patience": 5,
+            "label_smoothing": 0.1,
+            "augment": "light",
+            "bn": "frozen",
+            "seed": 0,
+        },
+    }
+
+
+def dump_params(directory: Path, mapping: dict) -> Path:
+    """Write `mapping` as directory/params.yaml and return its path."""
+    path = directory / "params.yaml"
+    path.write_text(yaml.safe_dump(mapping, sort_keys=False), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def image_folder_factory() -> Callable[[Path], Path]:
+    """For fixtures with a wider scope than tmp_path: write the ImageFolder under a root."""
+    return write_image_folder
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    """A fresh synthetic ImageFolder: <tmp>/images/{bird,cat,dog}/<12 images each>."""
+    return write_image_folder(tmp_path / "images")
+
+
+@pytest.fixture
+def make_image() -> Callable[..., Path]:
+    """save_image(path, label, seed, size=(w, h), mode="RGB"|"L"): one more synthetic image."""
+    return save_image
+
+
+@pytest.fixture
+def params_dict() -> dict:
+    """A fresh, valid params mapping (safe to mutate)."""
+    return copy.deepcopy(valid_params())
+
+
+@pytest.fixture(scope="session")
+def params_factory() -> Callable[[], dict]:
+    """For fixtures with a wider scope: returns a fresh, valid params mapping per call."""
+    return valid_params
+
+
+@pytest.fixture(scope="session")
+def write_params() -> Callable[[Path, dict], Path]:
+    """write_params(directory, mapping) -> directory/params.yaml."""
+    return dump_params

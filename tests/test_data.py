@@ -1,0 +1,319 @@
+"""Indexing, skipping and splitting an ImageFolder; decoding; the built-in digits."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from headstart import data
+from headstart.builtin import write_digits
+from headstart.data import (
+    assign_splits,
+    choose_image_size,
+    index_image_folder,
+    load_rgb,
+    prepare_index,
+)
+
+SEED = 42
+
+
+def _images_on_disk(root: Path) -> set[str]:
+    return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+
+
+def _splits(root: Path, seed: int = SEED) -> dict[str, str]:
+    _, samples, _ = index_image_folder(root)
+    split, conflicts = assign_splits(samples, 0.15, 0.15, seed)
+    assert conflicts == []
+    return split
+
+
+# --------------------------------------------------------------------------------------------
+# Indexing
+
+
+def test_every_image_indexed_once(image_folder):
+    classes, samples, skipped = index_image_folder(image_folder)
+    assert classes == ["bird", "cat", "dog"]
+    paths = [s.path for s in samples]
+    assert len(paths) == len(set(paths)) == 36
+    assert set(paths) == _images_on_disk(image_folder)
+    assert skipped == []
+    for sample in samples:
+        assert sample.label == sample.path.split("/")[0]
+        with Image.open(image_folder / sample.path) as image:
+            assert (sample.width, sample.height) == image.size
+    formats = Counter(Path(s.path).suffix for s in samples)
+    assert formats[".png"] > 0 and formats[".jpg"] > 0
+
+
+def test_images_in_class_subfolders_belong_to_the_class(image_folder, make_image):
+    make_image(image_folder / "cat" / "indoor" / "deep" / "extra.png", "cat", seed=7)
+    _, samples, _ = index_image_folder(image_folder)
+    by_path = {s.path: s.label for s in samples}
+    assert by_path["cat/indoor/deep/extra.png"] == "cat"
+
+
+def test_hidden_entries_are_neither_classes_nor_samples(image_folder, make_image):
+    (image_folder / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (image_folder / "cat" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    # AppleDouble and notebook checkpoints hold valid images: only their names exclude them.
+    make_image(image_folder / "cat" / "._x.jpg", "cat", seed=1)
+    make_image(image_folder / ".ipynb_checkpoints" / "a.png", "cat", seed=2)
+    make_image(image_folder / "dog" / ".ipynb_checkpoints" / "b.png", "dog", seed=3)
+    make_image(image_folder / "__MACOSX" / "c.png", "dog", seed=4)
+
+    classes, samples, skipped = index_image_folder(image_folder)
+    assert classes == ["bird", "cat", "dog"]
+    paths = {s.path for s in samples}
+    assert len(paths) == 36
+    for path in paths:
+        assert ".DS_Store" not in path
+        assert "._x.jpg" not in path
+        assert ".ipynb_checkpoints" not in path
+        assert "__MACOSX" not in path
+
+
+def test_unusable_files_are_skipped_with_a_reason(image_folder):
+    (image_folder / "cat" / "x.jpg").write_text("this is not a JPEG\n", encoding="utf-8")
+    (image_folder / "cat" / "notes.txt").write_text("hello\n", encoding="utf-8")
+    (image_folder / "readme.md").write_text("root file\n", encoding="utf-8")
+    png = (image_folder / "dog" / "dog_00.png").read_bytes()
+    jpeg = (image_folder / "dog" / "dog_01.jpg").read_bytes()
+    (image_folder / "dog" / "truncated.png").write_bytes(png[: len(png) // 2])
+    (image_folder / "bird" / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+
+    _, samples, skipped = index_image_folder(image_folder)
+    reasons = {s.path: s.reason for s in skipped}
+    assert set(reasons) == {
+        "cat/x.jpg",
+        "cat/notes.txt",
+        "readme.md",
+        "dog/truncated.png",
+        "bird/truncated.jpg",
+    }
+    for path in ("cat/x.jpg", "dog/truncated.png", "bird/truncated.jpg"):
+        assert reasons[path].startswith("unreadable image"), reasons[path]
+    assert "extension" in reasons["cat/notes.txt"]
+    assert "root" in reasons["readme.md"]
+    assert {s.path for s in samples}.isdisjoint(reasons)
+    assert len(samples) == 36
+
+
+def test_prepare_index_reports_skipped_files(image_folder):
+    (image_folder / "cat" / "x.jpg").write_text("not an image", encoding="utf-8")
+    _, rows, report = prepare_index(image_folder, 0.15, 0.15, SEED)
+    assert report["num_skipped"] == 1
+    assert report["skipped"][0]["path"] == "cat/x.jpg"
+    assert report["skipped"][0]["reason"].startswith("unreadable image")
+    assert report["skipped_by_reason"] == {"unreadable image": 1}
+    assert report["num_images"] == len(rows) == 36
+    assert all(row[0] != "cat/x.jpg" for row in rows)
+
+
+def test_prepare_index_report_counts(image_folder):
+    classes, rows, report = prepare_index(image_folder, 0.15, 0.15, SEED)
+    assert classes == ["bird", "cat", "dog"]
+    assert report["num_classes"] == 3
+    counted = Counter((row[1], row[2]) for row in rows)
+    for label in classes:
+        for split in ("train", "val", "test"):
+            assert report["counts"][label][split] == counted[(label, split)]
+    assert sum(report["splits"].values()) == len(rows)
+    assert report["image_short_side"] == {"min": 16, "median": 16.0, "max": 24}
+
+
+def test_missing_dir_names_the_path(tmp_path):
+    missing = tmp_path / "no_such_images"
+    with pytest.raises(FileNotFoundError, match="no_such_images"):
+        index_image_folder(missing)
+
+
+def test_single_class_names_the_path(tmp_path, make_image):
+    root = tmp_path / "only_cats"
+    for index in range(5):
+        make_image(root / "cat" / f"{index}.png", "cat", seed=index)
+    with pytest.raises(ValueError, match="only_cats"):
+        index_image_folder(root)
+
+
+def test_empty_folder_names_the_path(tmp_path):
+    root = tmp_path / "empty_root"
+    root.mkdir()
+    with pytest.raises(ValueError, match="empty_root"):
+        index_image_folder(root)
+
+
+def test_class_without_usable_images(image_folder):
+    (image_folder / "fish").mkdir()
+    (image_folder / "fish" / "fish.jpg").write_text("not an image", encoding="utf-8")
+    with pytest.raises(ValueError, match="fish"):
+        prepare_index(image_folder, 0.15, 0.15, SEED)
+
+
+# --------------------------------------------------------------------------------------------
+# Splits
+
+
+def test_every_class_has_train_val_and_test(image_folder):
+    split = _splits(image_folder)
+    assert set(split) == _images_on_disk(image_folder)
+    for label in ("bird", "cat", "dog"):
+        present = {name for path, name in split.items() if path.startswith(f"{label}/")}
+        assert present == {"train", "val", "test"}, label
+    # Mostly train: the fractions are 0.15 + 0.15.
+    assert Counter(split.values())["train"] > len(split) / 2
+
+
+def test_same_seed_same_split_other_seed_other_split(image_folder):
+    first = _splits(image_folder, seed=SEED)
+    assert _splits(image_folder, seed=SEED) == first
+    assert _splits(image_folder, seed=SEED + 1) != first
+
+
+class _Listing(list):
+    """What os.scandir returns, in a chosen order: iterable and a context manager."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        return False
+
+
+def test_split_ignores_listing_order(image_folder, monkeypatch):
+    expected_classes, expected_rows, expected_report = prepare_index(image_folder, 0.15, 0.15, SEED)
+    real_scandir = os.scandir
+    calls = []
+
+    def reversed_scandir(path="."):
+        calls.append(path)
+        with real_scandir(path) as entries:
+            return _Listing(sorted(entries, key=lambda e: e.name, reverse=True))
+
+    monkeypatch.setattr(data.os, "scandir", reversed_scandir)
+    classes, rows, report = prepare_index(image_folder, 0.15, 0.15, SEED)
+    assert calls, "the patched listing was not used"
+    assert classes == expected_classes
+    assert sorted(rows) == sorted(expected_rows)
+    assert report["counts"] == expected_report["counts"]
+
+
+def test_identical_bytes_within_a_class_share_a_split(image_folder):
+    for original in sorted((image_folder / "cat").iterdir()):
+        copy_dir = image_folder / "cat" / "copies"
+        copy_dir.mkdir(exist_ok=True)
+        shutil.copy(original, copy_dir / f"copy_{original.name}")
+    split = _splits(image_folder)
+    copies = [p for p in split if p.startswith("cat/copies/")]
+    assert len(copies) == 12
+    for copy in copies:
+        original = "cat/" + copy.split("/")[-1].removeprefix("copy_")
+        assert split[copy] == split[original], copy
+    # Copies add no new groups: the originals keep their splits.
+    assert {p: s for p, s in split.items() if p not in copies} == _splits_without_copies(
+        image_folder
+    )
+
+
+def _splits_without_copies(root: Path) -> dict[str, str]:
+    _, samples, _ = index_image_folder(root)
+    originals = [s for s in samples if "/copies/" not in s.path]
+    split, _ = assign_splits(originals, 0.15, 0.15, SEED)
+    return split
+
+
+def test_same_bytes_under_two_classes_are_reported(image_folder):
+    shutil.copy(image_folder / "cat" / "cat_03.jpg", image_folder / "dog" / "looks_like_cat.jpg")
+    _, samples, _ = index_image_folder(image_folder)
+    split, conflicts = assign_splits(samples, 0.15, 0.15, SEED)
+    assert {c.path for c in conflicts} == {"cat/cat_03.jpg", "dog/looks_like_cat.jpg"}
+    for conflict in conflicts:
+        assert "cat" in conflict.reason and "dog" in conflict.reason
+        assert conflict.path not in split
+
+    _, rows, report = prepare_index(image_folder, 0.15, 0.15, SEED)
+    assert {row[0] for row in rows}.isdisjoint({"cat/cat_03.jpg", "dog/looks_like_cat.jpg"})
+    assert {s["path"] for s in report["skipped"]} == {"cat/cat_03.jpg", "dog/looks_like_cat.jpg"}
+
+
+def test_adding_images_does_not_move_existing_ones(image_folder, make_image):
+    before = _splits(image_folder)
+    for class_index, label in enumerate(("bird", "cat", "dog")):
+        make_image(image_folder / label / "new.png", label, seed=9000 + class_index)
+    after = _splits(image_folder)
+    assert set(after) == set(before) | {"bird/new.png", "cat/new.png", "dog/new.png"}
+    moved = {p: (before[p], after[p]) for p in before if before[p] != after[p]}
+    assert moved == {}
+
+
+def test_tiny_class_still_gets_every_split(image_folder, make_image):
+    for index in range(3):
+        make_image(image_folder / "fox" / f"fox_{index}.png", "fox", seed=5000 + index)
+    split = _splits(image_folder)
+    fox = sorted(name for path, name in split.items() if path.startswith("fox/"))
+    assert fox == ["test", "train", "val"]
+
+
+def test_class_too_small_to_split_names_it(image_folder, make_image):
+    for index in range(2):
+        make_image(image_folder / "fox" / f"fox_{index}.png", "fox", seed=5000 + index)
+    _, samples, _ = index_image_folder(image_folder)
+    with pytest.raises(ValueError, match="'fox'"):
+        assign_splits(samples, 0.15, 0.15, SEED)
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding, image size, built-in data
+
+
+def test_choose_image_size():
+    assert choose_image_size(8, 224) == 96
+    assert choose_image_size(500, 224) == 224
+    assert choose_image_size(30, 224) == 128  # 4 x 30 = 120, rounded up to 128
+    assert choose_image_size(500, 260) == 260
+
+
+def test_load_rgb_composites_transparency_on_white(tmp_path):
+    rgba = np.zeros((2, 2, 4), dtype=np.uint8)
+    rgba[0, 0] = (255, 0, 0, 0)  # fully transparent red
+    rgba[0, 1] = (0, 0, 255, 255)  # opaque blue
+    rgba[1, :] = (0, 255, 0, 255)  # opaque green
+    path = tmp_path / "alpha.png"
+    Image.fromarray(rgba, "RGBA").save(path)
+    image = load_rgb(path)
+    assert image.mode == "RGB"
+    assert image.getpixel((0, 0)) == (255, 255, 255)
+    assert image.getpixel((1, 0)) == (0, 0, 255)
+    assert image.getpixel((0, 1)) == (0, 255, 0)
+
+
+def test_load_rgb_greyscale_becomes_three_channels(tmp_path, make_image):
+    path = make_image(tmp_path / "grey.jpg", "cat", seed=0, size=(16, 20), mode="L")
+    with Image.open(path) as raw:
+        assert raw.mode == "L"
+    image = load_rgb(path)
+    assert image.mode == "RGB"
+    assert image.size == (16, 20)
+    pixels = np.asarray(image)
+    assert (pixels[..., 0] == pixels[..., 1]).all() and (pixels[..., 1] == pixels[..., 2]).all()
+
+
+def test_write_digits(tmp_path):
+    out = tmp_path / "digits"
+    count = write_digits(out)
+    files = sorted(out.rglob("*.png"))
+    assert count == len(files) == 1797
+    assert sorted(p.name for p in out.iterdir()) == [str(d) for d in range(10)]
+    per_class = Counter(p.parent.name for p in files)
+    assert min(per_class.values()) > 150
+    with Image.open(files[0]) as image:
+        assert image.size == (8, 8)
+        assert image.mode == "L"

@@ -1,0 +1,477 @@
+"""Backbones, model surgery, the training loop and artefacts, on tiny random-init models."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from headstart.backbones import build_backbone, load_state_dict_file
+from headstart.io import atomic_path, load_checkpoint, save_checkpoint, write_json
+from headstart.model import (
+    Classifier,
+    load_classifier,
+    load_head,
+    param_groups,
+    set_trainable,
+    train_mode,
+)
+from headstart.train import fit, fit_logreg, run_inference
+
+BACKBONE_NAMES = ["efficientnet_lite0", "resnet18", "mobilenet_v3_small", "convnext_tiny"]
+# Families with BatchNorm (ConvNeXt uses LayerNorm).
+BN_BACKBONES = ["efficientnet_lite0", "resnet18", "mobilenet_v3_small"]
+NUM_CLASSES = 3
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def classifiers() -> dict[str, Classifier]:
+    """One random-init classifier per family, built once (surgery resets requires_grad)."""
+    torch.manual_seed(0)
+    return {name: Classifier(build_backbone(name, "none"), NUM_CLASSES) for name in BACKBONE_NAMES}
+
+
+def _images(batch: int = 4, size: int = 32, seed: int = 0) -> torch.Tensor:
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def _trainable(model: nn.Module) -> set[int]:
+    return {id(p) for p in model.parameters() if p.requires_grad}
+
+
+def _ids(*modules: nn.Module) -> set[int]:
+    return {id(p) for m in modules for p in m.parameters()}
+
+
+# --------------------------------------------------------------------------------------------
+# Backbones and surgery
+
+
+@pytest.mark.parametrize("name", BACKBONE_NAMES)
+def test_backbone_output_shape(classifiers, name):
+    model = classifiers[name].eval()
+    with torch.inference_mode():
+        features = model.backbone(_images(batch=2))
+        logits = model(_images(batch=2))
+    assert features.shape == (2, model.backbone.num_features)
+    assert logits.shape == (2, NUM_CLASSES)
+    assert model.head.in_features == model.backbone.num_features
+    assert torch.isfinite(features).all()
+
+
+# Blocks per family: the stages named in headstart.backbones (an EfficientNet's final 1x1 conv
+# counts as one).
+EXPECTED_BLOCKS = {"efficientnet_lite0": 8, "efficientnet_b0": 8, "resnet18": 4, "convnext_tiny": 4}
+
+
+@pytest.mark.parametrize("name", [*BACKBONE_NAMES, "efficientnet_b0"])
+def test_blocks_are_whole_stages(classifiers, name):
+    """finetune.unfreeze counts blocks, documented as "the last two stages of the network in
+    every family" for unfreeze 2. A stage ends where the width changes, so two neighbouring
+    blocks never have the same output width."""
+    if name in classifiers:
+        backbone = classifiers[name].backbone
+    else:
+        torch.manual_seed(0)
+        backbone = build_backbone(name, "none")
+    widths: list[int] = []
+    hooks = [
+        block.register_forward_hook(lambda module, inputs, output: widths.append(output.shape[1]))
+        for block in backbone.blocks
+    ]
+    try:
+        with torch.inference_mode():
+            backbone.eval()(_images(batch=1, size=64))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert len(widths) == len(backbone.blocks)
+    assert widths[-1] == backbone.num_features
+    if name in EXPECTED_BLOCKS:
+        assert len(backbone.blocks) == EXPECTED_BLOCKS[name], widths
+    repeated = [i for i in range(len(widths) - 1) if widths[i] == widths[i + 1]]
+    assert repeated == [], f"{name}: blocks {repeated} split a stage; block widths {widths}"
+
+
+def test_unknown_backbone_raises():
+    with pytest.raises(ValueError, match="resnet19"):
+        build_backbone("resnet19", "none")
+
+
+@pytest.mark.parametrize("name", BACKBONE_NAMES)
+def test_unfreeze_zero_trains_only_the_head(classifiers, name):
+    model = classifiers[name]
+    frozen = set_trainable(model, 0)
+    assert _trainable(model) == _ids(model.head)
+    assert model.backbone.stem in frozen
+    assert model.backbone.neck in frozen
+    assert all(block in frozen for block in model.backbone.blocks)
+
+
+@pytest.mark.parametrize("name", BACKBONE_NAMES)
+def test_unfreeze_k_trains_top_blocks_head_and_neck(classifiers, name):
+    model = classifiers[name]
+    blocks = list(model.backbone.blocks)
+    for k in sorted({1, 2, len(blocks)}):
+        frozen = set_trainable(model, k)
+        expected = _ids(model.head, model.backbone.neck, *blocks[len(blocks) - k :])
+        assert _trainable(model) == expected, k
+        assert frozen == [model.backbone.stem, *blocks[: len(blocks) - k]], k
+        # The stem never trains, so at least one parameter stays frozen.
+        assert any(not p.requires_grad for p in model.backbone.stem.parameters())
+
+
+@pytest.mark.parametrize("name", BACKBONE_NAMES)
+def test_unfreeze_more_than_blocks_names_the_key(classifiers, name):
+    model = classifiers[name]
+    with pytest.raises(ValueError, match=r"finetune\.unfreeze"):
+        set_trainable(model, len(model.backbone.blocks) + 1)
+
+
+def _bn_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {
+        name: buffer.clone()
+        for name, buffer in model.named_buffers()
+        if name.endswith(("running_mean", "running_var", "num_batches_tracked"))
+    }
+
+
+def _one_step(model: Classifier, frozen, bn: str) -> None:
+    optimizer = torch.optim.AdamW(param_groups(model, 1.0e-2, 1.0e-2, 0.0))
+    train_mode(model, frozen, bn)
+    loss = nn.functional.cross_entropy(model(_images(batch=4)), torch.tensor([0, 1, 2, 0]))
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+
+
+@pytest.mark.parametrize("name", BN_BACKBONES)
+def test_frozen_bn_statistics_survive_a_training_step(name):
+    torch.manual_seed(0)
+    model = Classifier(build_backbone(name, "none"), NUM_CLASSES)
+    frozen = set_trainable(model, 2)
+    buffers = _bn_buffers(model)
+    assert buffers
+    top_before = [p.detach().clone() for p in model.backbone.blocks[-1].parameters()]
+    stem_before = [p.detach().clone() for p in model.backbone.stem.parameters()]
+    head_before = model.head.weight.detach().clone()
+
+    _one_step(model, frozen, "frozen")
+
+    for key, value in _bn_buffers(model).items():
+        assert torch.equal(value, buffers[key]), key
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            assert not module.training
+    assert model.head.training  # train_mode did put the rest in training mode
+    assert not torch.equal(model.head.weight, head_before)
+    top_after = list(model.backbone.blocks[-1].parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(top_after, top_before, strict=True))
+    stem_after = list(model.backbone.stem.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(stem_after, stem_before, strict=True))
+
+
+@pytest.mark.parametrize("name", BN_BACKBONES)
+def test_bn_train_updates_only_trainable_blocks(name):
+    """The contrast: with bn='train' the top blocks re-estimate statistics, frozen ones don't."""
+    torch.manual_seed(0)
+    model = Classifier(build_backbone(name, "none"), NUM_CLASSES)
+    frozen = set_trainable(model, 1)
+    buffers = _bn_buffers(model)
+
+    _one_step(model, frozen, "train")
+
+    after = _bn_buffers(model)
+    top = f"backbone.blocks.{len(model.backbone.blocks) - 1}."
+    changed = {key for key in buffers if not torch.equal(after[key], buffers[key])}
+    assert changed, "no BatchNorm statistic moved in the trainable block"
+    assert all(key.startswith(top) for key in changed), sorted(changed)
+
+
+@pytest.mark.parametrize("unfreeze", [0, 2])
+def test_param_groups_hold_only_trainable_params_with_their_lr(classifiers, unfreeze):
+    model = classifiers["resnet18"]
+    set_trainable(model, unfreeze)
+    groups = param_groups(model, lr_head=1.0e-2, lr_backbone=1.0e-4, weight_decay=0.05)
+
+    in_groups = [id(p) for g in groups for p in g["params"]]
+    assert len(in_groups) == len(set(in_groups))  # no parameter twice
+    assert set(in_groups) == _trainable(model)
+    head_ids = _ids(model.head)
+    for group in groups:
+        assert "lr" in group
+        ids = {id(p) for p in group["params"]}
+        if group["name"].startswith("head"):
+            assert group["lr"] == 1.0e-2 and ids <= head_ids
+        else:
+            assert group["lr"] == 1.0e-4 and ids.isdisjoint(head_ids)
+        if group["name"].endswith("_no_decay"):
+            assert group["weight_decay"] == 0.0
+            assert all(p.ndim <= 1 for p in group["params"])
+        else:
+            assert group["weight_decay"] == 0.05
+            assert all(p.ndim > 1 for p in group["params"])
+    names = {g["name"] for g in groups}
+    assert ("backbone" in names) == (unfreeze > 0)
+    torch.optim.AdamW(groups)  # the optimizer accepts them as they are
+
+
+# --------------------------------------------------------------------------------------------
+# The training loop
+
+
+def _clusters(n_per_class: int, seed: int, dims: int = 8, spread: float = 1.0):
+    """Gaussian clusters around fixed, well-separated centres: (x (N, D) float32, y (N,))."""
+    centres = np.random.default_rng(123).normal(0.0, 4.0, (NUM_CLASSES, dims))
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(NUM_CLASSES), n_per_class)
+    x = centres[y] + rng.normal(0.0, spread, (len(y), dims))
+    return x.astype(np.float32), y.astype(np.int64)
+
+
+def _loaders(spread: float = 3.0, val_shift: int = 0):
+    """Shuffled training batches and validation batches of overlapping clusters; val_shift
+    relabels validation class c as c + val_shift, so that learning the training labels hurts."""
+    train_x, train_y = _clusters(40, seed=1, spread=spread)
+    val_x, val_y = _clusters(20, seed=2, spread=spread)
+    val_y = (val_y + val_shift) % NUM_CLASSES
+    train = DataLoader(
+        TensorDataset(torch.from_numpy(train_x), torch.from_numpy(train_y)),
+        batch_size=16,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(0),
+    )
+    val = DataLoader(TensorDataset(torch.from_numpy(val_x), torch.from_numpy(val_y)), 64)
+    return train, val
+
+
+def _linear_group(head: nn.Linear, lr: float) -> list[dict]:
+    return [{"params": list(head.parameters()), "lr": lr, "weight_decay": 0.0}]
+
+
+def test_fit_decreases_the_loss_and_keeps_the_best_epoch():
+    torch.manual_seed(0)
+    head = nn.Linear(8, NUM_CLASSES)
+    train, val = _loaders()
+    seen = []
+    result = fit(
+        head,
+        train,
+        val,
+        _linear_group(head, 0.01),
+        epochs=8,
+        patience=100,
+        label_smoothing=0.0,
+        device=CPU,
+        on_epoch=seen.append,
+    )
+    history = result.history
+    assert [r["epoch"] for r in history] == list(range(1, 9))
+    assert seen == history
+    assert history[-1]["train_loss"] < 0.5 * history[0]["train_loss"]
+    assert history[-1]["train_accuracy"] > history[0]["train_accuracy"]
+    assert result.best_val_accuracy >= 0.85
+    best = max(history, key=lambda r: (r["val_accuracy"], -r["val_loss"]))
+    assert result.best_epoch == best["epoch"]
+    assert result.best_val_accuracy == best["val_accuracy"]
+    # The best epoch's weights are the ones left in the model.
+    for key, value in head.state_dict().items():
+        assert torch.equal(value, result.state_dict[key]), key
+    loss, accuracy = _val_loss_accuracy(head, val)
+    assert accuracy == pytest.approx(result.best_val_accuracy)
+    assert loss == pytest.approx(result.best_val_loss, rel=1e-5)
+
+
+def test_fit_restores_an_earlier_best_epoch():
+    """Validation labels contradict the training labels, so validation gets worse as the loss
+    goes down: the model must end with the first epoch's weights, not the last."""
+    torch.manual_seed(0)
+    head = nn.Linear(8, NUM_CLASSES)
+    train, val = _loaders(val_shift=1)
+    snapshots = []
+    result = fit(
+        head,
+        train,
+        val,
+        _linear_group(head, 0.003),
+        epochs=6,
+        patience=100,
+        label_smoothing=0.0,
+        device=CPU,
+        on_epoch=lambda record: snapshots.append(head.weight.detach().clone()),
+    )
+    assert len(result.history) == len(snapshots) == 6
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    assert result.best_epoch == 1
+    assert result.history[-1]["val_accuracy"] < result.best_val_accuracy
+    assert torch.equal(head.weight, snapshots[0])
+    assert not torch.equal(head.weight, snapshots[-1])
+
+
+def _val_loss_accuracy(model: nn.Module, val) -> tuple[float, float]:
+    logits, labels = run_inference(model, val, CPU)
+    loss = nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels))
+    return loss.item(), float((logits.argmax(1) == labels).mean())
+
+
+def test_fit_stops_early_without_improvement():
+    torch.manual_seed(0)
+    head = nn.Linear(8, NUM_CLASSES)
+    before = {k: v.clone() for k, v in head.state_dict().items()}
+    train, val = _loaders()
+    # lr 0: validation never improves after the first epoch.
+    result = fit(
+        head,
+        train,
+        val,
+        _linear_group(head, 0.0),
+        epochs=20,
+        patience=2,
+        label_smoothing=0.0,
+        device=CPU,
+    )
+    assert len(result.history) == 3
+    assert result.best_epoch == 1
+    for key, value in head.state_dict().items():
+        assert torch.equal(value, before[key])
+
+
+def test_fit_refuses_nothing_to_train():
+    head = nn.Linear(8, NUM_CLASSES).requires_grad_(False)
+    train, val = _loaders()
+    with pytest.raises(ValueError, match="nothing to train"):
+        fit(
+            head,
+            train,
+            val,
+            [{"params": list(head.parameters()), "lr": 0.1}],
+            epochs=1,
+            patience=1,
+            label_smoothing=0.0,
+            device=CPU,
+        )
+
+
+def test_fit_logreg_head_takes_raw_features():
+    # Overlapping clusters, far from zero and on very different scales: a head that forgot
+    # to fold the standardisation back into its weights would predict something else.
+    train_x, train_y = _clusters(40, seed=1, spread=4.0)
+    val_x, val_y = _clusters(30, seed=2, spread=4.0)
+    scale = np.geomspace(0.1, 100.0, train_x.shape[1]).astype(np.float32)
+    train_x, val_x = train_x * scale + 50.0, val_x * scale + 50.0
+    candidates = []
+    head, summary = fit_logreg(
+        train_x, train_y, val_x, val_y, NUM_CLASSES, seed=0, on_candidate=candidates.append
+    )
+    assert isinstance(head, nn.Linear)
+    assert (head.in_features, head.out_features) == (train_x.shape[1], NUM_CLASSES)
+    assert [c["C"] for c in candidates] == [0.001, 0.01, 0.1, 1.0, 10.0]
+    assert summary["best_val_accuracy"] == max(c["val_accuracy"] for c in candidates)
+    assert 0.5 < summary["best_val_accuracy"] < 1.0  # informative, not trivial
+    with torch.no_grad():
+        predicted = head(torch.from_numpy(val_x)).argmax(1).numpy()
+    assert float((predicted == val_y).mean()) == pytest.approx(summary["best_val_accuracy"])
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints and files
+
+
+def test_head_checkpoint_round_trip(tmp_path):
+    torch.manual_seed(0)
+    head = nn.Linear(16, NUM_CLASSES)
+    meta = {"kind": "head", "in_features": 16, "classes": ["bird", "cat", "dog"]}
+    save_checkpoint(tmp_path / "head.pt", head.state_dict(), meta)
+    loaded, loaded_meta = load_head(tmp_path / "head.pt")
+    assert loaded_meta == meta
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), head(x))
+    assert not loaded.training
+
+
+def test_classifier_checkpoint_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = Classifier(build_backbone("mobilenet_v3_small", "none"), NUM_CLASSES).eval()
+    meta = {"kind": "classifier", "backbone": "mobilenet_v3_small", "classes": ["a", "b", "c"]}
+    save_checkpoint(tmp_path / "model.pt", model.state_dict(), meta)
+    torch.manual_seed(1)  # the rebuilt model starts from other random weights
+    loaded, loaded_meta = load_classifier(tmp_path / "model.pt")
+    assert loaded_meta == meta
+    assert not loaded.training
+    with torch.inference_mode():
+        assert torch.equal(loaded(_images(batch=2)), model(_images(batch=2)))
+
+
+def test_checkpoint_kind_is_checked(tmp_path):
+    head = nn.Linear(4, 2)
+    save_checkpoint(tmp_path / "head.pt", head.state_dict(), {"kind": "head"})
+    with pytest.raises(ValueError, match="not a fine-tuned classifier"):
+        load_classifier(tmp_path / "head.pt")
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        load_head(tmp_path / "missing.pt")
+
+
+class _Payload:
+    """Unpickling this creates a file: the shape of a malicious checkpoint."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def _malicious_checkpoint(path: Path, marker: Path) -> Path:
+    torch.save({"format": 1, "state_dict": {"w": _Payload(marker)}, "meta": {}}, path)
+    return path
+
+
+def test_malicious_pickle_payload_is_live(tmp_path):
+    """The control: loading the file the unsafe way does create the marker."""
+    marker = tmp_path / "MARKER"
+    path = _malicious_checkpoint(tmp_path / "evil.pt", marker)
+    torch.load(path, weights_only=False)
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("force_unsafe", [False, True])
+def test_load_checkpoint_refuses_malicious_pickle(tmp_path, monkeypatch, force_unsafe):
+    if force_unsafe:
+        monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    marker = tmp_path / "MARKER"
+    path = _malicious_checkpoint(tmp_path / "evil.pt", marker)
+    with pytest.raises(ValueError, match="evil.pt"):
+        load_checkpoint(path)
+    assert not marker.exists()
+    with pytest.raises(pickle.UnpicklingError):
+        load_state_dict_file(path)
+    assert not marker.exists()
+
+
+def test_write_json_leaves_no_temporary_files(tmp_path):
+    path = tmp_path / "out" / "metrics.json"
+    write_json(path, {"accuracy": 0.5})
+    write_json(path, {"accuracy": 0.75})
+    assert os.listdir(path.parent) == ["metrics.json"]
+    assert path.read_text(encoding="utf-8") == '{\n  "accuracy": 0.75\n}\n'
+
+
+def test_failed_atomic_write_keeps_the_previous_file(tmp_path):
+    path = tmp_path / "metrics.json"
+    write_json(path, {"accuracy": 0.5})
+    previous = path.read_bytes()
+    with pytest.raises(RuntimeError, match="interrupted"):
+        with atomic_path(path) as tmp:
+            assert tmp.parent == path.parent and tmp != path
+            tmp.write_text('{"accuracy": ', encoding="utf-8")  # half-written
+            raise RuntimeError("interrupted")
+    assert path.read_bytes() == previous
+    assert os.listdir(tmp_path) == ["metrics.json"]

@@ -1,0 +1,185 @@
+"""Strict params: every problem raises ParamsError naming the key; YAML is loaded safely."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from headstart.backbones import BACKBONES
+from headstart.params import Params, ParamsError, load_params, parse_params
+
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+def test_shipped_params_load():
+    params = load_params(PROJECT / "params.yaml")
+    assert isinstance(params, Params)
+    assert params.backbone.name in BACKBONES
+    assert isinstance(params.head.lr, float)
+    assert isinstance(params.head.epochs, int)
+
+
+def test_fixture_params_have_the_shipped_structure(params_dict):
+    """The test params must stay a faithful copy of the real file's sections and keys."""
+    shipped = yaml.safe_load((PROJECT / "params.yaml").read_text(encoding="utf-8"))
+    assert list(params_dict) == list(shipped)
+    for section, keys in shipped.items():
+        assert sorted(params_dict[section]) == sorted(keys), section
+    parse_params(params_dict)  # and they are valid
+
+
+def test_written_params_round_trip(tmp_path, params_dict, write_params):
+    params = load_params(write_params(tmp_path, params_dict))
+    assert params.backbone.image_size == 32
+    assert params.backbone.weights == "none"
+    assert params.head.epochs == 3
+    assert params.finetune.unfreeze == 1
+
+
+def test_yaml_1_2_float_without_dot(tmp_path, params_dict, write_params):
+    path = write_params(tmp_path, params_dict)
+    text = path.read_text(encoding="utf-8")
+    assert "lr: 0.01\n" in text
+    path.write_text(text.replace("lr: 0.01\n", "lr: 1e-3\n"), encoding="utf-8")
+    params = load_params(path)
+    assert params.head.lr == 0.001
+    assert type(params.head.lr) is float
+
+
+def test_int_widens_to_float(params_dict):
+    params_dict["head"]["lr"] = 1
+    params = parse_params(params_dict)
+    assert params.head.lr == 1.0
+    assert type(params.head.lr) is float
+
+
+def _set(mapping: dict, dotted: str, value) -> dict:
+    section, key = dotted.split(".")
+    mapping[section][key] = value
+    return mapping
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("head.epochs", "ten"),
+        ("head.epochs", 10.0),
+        ("head.epochs", True),
+        ("head.lr", "abc"),
+        ("head.lr", None),
+        ("data.seed", "42x"),
+        ("data.dir", 123),
+        ("backbone.image_size", 64.0),
+        ("finetune.augment", 1),
+    ],
+)
+def test_wrong_type_names_the_key(params_dict, key, value):
+    with pytest.raises(ParamsError, match=key.replace(".", r"\.")):
+        parse_params(_set(params_dict, key, value))
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("head.lr", -1.0e-3),
+        ("head.lr", 0.0),
+        ("finetune.lr_backbone", -1.0),
+        ("head.epochs", 0),
+        ("finetune.unfreeze", -1),
+        ("head.label_smoothing", 1.0),
+        ("head.kind", "svm"),
+        ("finetune.bn", "sometimes"),
+        ("finetune.augment", "heavy"),
+        ("compute.device", "tpu"),
+        ("compute.batch_size", 0),
+        ("backbone.image_size", 8),
+        ("backbone.image_size", "large"),
+        ("data.val_fraction", 0.0),
+        ("data.test_fraction", 1.0),
+    ],
+)
+def test_out_of_range_names_the_key(params_dict, key, value):
+    with pytest.raises(ParamsError, match=key.replace(".", r"\.")):
+        parse_params(_set(params_dict, key, value))
+
+
+def test_fractions_summing_too_high(params_dict):
+    params_dict["data"]["val_fraction"] = 0.5
+    params_dict["data"]["test_fraction"] = 0.45
+    with pytest.raises(ParamsError, match=r"data\.val_fraction") as error:
+        parse_params(params_dict)
+    assert "data.test_fraction" in str(error.value)
+
+
+def test_unknown_key_names_it(params_dict):
+    params_dict["head"]["learning_rate"] = 0.1
+    with pytest.raises(ParamsError, match=r"head\.learning_rate"):
+        parse_params(params_dict)
+
+
+def test_missing_key_names_it(params_dict):
+    del params_dict["finetune"]["patience"]
+    with pytest.raises(ParamsError, match=r"finetune\.patience"):
+        parse_params(params_dict)
+
+
+def test_unknown_section_names_it(params_dict):
+    params_dict["optimizer"] = {"lr": 0.1}
+    with pytest.raises(ParamsError, match="optimizer"):
+        parse_params(params_dict)
+
+
+def test_missing_section_names_it(params_dict):
+    del params_dict["compute"]
+    with pytest.raises(ParamsError, match="compute"):
+        parse_params(params_dict)
+
+
+def test_section_not_a_mapping(params_dict):
+    params_dict["head"] = ["lr", 0.1]
+    with pytest.raises(ParamsError, match="head"):
+        parse_params(params_dict)
+
+
+def test_unknown_backbone_lists_known_ones(params_dict):
+    params_dict["backbone"]["name"] = "resnet19"
+    with pytest.raises(ParamsError, match=r"backbone\.name") as error:
+        parse_params(params_dict)
+    message = str(error.value)
+    assert "resnet19" in message
+    for name in BACKBONES:
+        assert name in message
+
+
+def test_missing_file_names_the_path(tmp_path):
+    path = tmp_path / "nowhere" / "params.yaml"
+    with pytest.raises(ParamsError, match="nowhere"):
+        load_params(path)
+
+
+def test_invalid_yaml_is_a_params_error(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("head: [unclosed\n", encoding="utf-8")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(path)
+
+
+def test_python_tags_are_not_executed(tmp_path, params_dict, write_params):
+    marker = tmp_path / "MARKER"
+    payload = f'!!python/object/apply:os.system ["touch {marker}"]'
+    path = write_params(tmp_path, params_dict)
+    text = path.read_text(encoding="utf-8").replace("lr: 0.01\n", f"lr: {payload}\n")
+    assert payload in text
+    path.write_text(text, encoding="utf-8")
+
+    # The payload is live: an unsafe loader would run it.
+    control = tmp_path / "control"
+    control.mkdir()
+    yaml.unsafe_load(text.replace(str(marker), str(control / "MARKER")))
+    assert (control / "MARKER").exists()
+
+    with pytest.raises(ParamsError):
+        load_params(path)
+    assert not marker.exists()

@@ -1,0 +1,226 @@
+"""Every stage's main(argv), in process, end to end on the synthetic ImageFolder.
+
+The argv of each call mirrors the stage's `cmd` in dvc.yaml; settings come from a params.yaml
+in the working directory, as under `dvc repro`.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+from collections import Counter
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+import torch
+
+from headstart.model import load_classifier, load_head
+
+PROJECT = Path(__file__).resolve().parents[1]
+SPLITS = ("train", "val", "test")
+
+
+def load_stage(name: str) -> ModuleType:
+    path = PROJECT / "stages" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"headstart_stage_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _index_rows(prepared: Path) -> list[dict[str, str]]:
+    with open(prepared / "index.csv", newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _read_json(path: Path):
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, image_folder_factory, params_factory, write_params) -> Path:
+    """Run prepare -> extract -> train_head -> finetune -> evaluate once in a fresh folder."""
+    work = tmp_path_factory.mktemp("pipeline")
+    image_folder_factory(work / "images")
+    write_params(work, params_factory())
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(work)
+        load_stage("prepare").main(["images", "data/prepared", "metrics/data.json"])
+        load_stage("extract").main(["images", "data/prepared", "data/features"])
+        load_stage("train_head").main(["data/features", "models/head.pt", "dvclive/train_head"])
+        load_stage("finetune").main(
+            ["images", "data/prepared", "models/head.pt", "models/finetuned.pt", "dvclive/finetune"]
+        )
+        load_stage("evaluate").main(
+            [
+                "images",
+                "data/prepared",
+                "data/features",
+                "models/head.pt",
+                "models/finetuned.pt",
+                "metrics/evaluate.json",
+                "metrics/per_class.json",
+                "plots",
+            ]
+        )
+    return work
+
+
+EXPECTED_OUTPUTS = [
+    "data/prepared/index.csv",
+    "data/prepared/classes.json",
+    "data/prepared/report.json",
+    "metrics/data.json",
+    *(f"data/features/{s}_{part}.npy" for s in SPLITS for part in ("features", "labels")),
+    "data/features/meta.json",
+    "models/head.pt",
+    "dvclive/train_head/metrics.json",
+    "models/finetuned.pt",
+    "dvclive/finetune/metrics.json",
+    "metrics/evaluate.json",
+    "metrics/per_class.json",
+    "plots/confusion_head.json",
+    "plots/confusion_finetuned.json",
+]
+
+
+def test_every_output_exists(pipeline):
+    missing = [name for name in EXPECTED_OUTPUTS if not (pipeline / name).is_file()]
+    assert missing == []
+    leftovers = [p for p in pipeline.rglob("*.tmp")]
+    assert leftovers == []
+
+
+def test_prepare_outputs(pipeline):
+    rows = _index_rows(pipeline / "data/prepared")
+    assert len(rows) == 36
+    assert _read_json(pipeline / "data/prepared/classes.json") == ["bird", "cat", "dog"]
+    metrics = _read_json(pipeline / "metrics/data.json")
+    counts = Counter(r["split"] for r in rows)
+    assert metrics == {"images": 36, "classes": 3, **{s: counts[s] for s in SPLITS}, "skipped": 0}
+
+
+def test_extract_outputs(pipeline):
+    features = pipeline / "data/features"
+    rows = _index_rows(pipeline / "data/prepared")
+    meta = _read_json(features / "meta.json")
+    assert meta["image_size"] == 32
+    assert meta["classes"] == ["bird", "cat", "dog"]
+    assert meta["backbone"]["name"] == "efficientnet_lite0"
+    for split in SPLITS:
+        x = np.load(features / f"{split}_features.npy")
+        y = np.load(features / f"{split}_labels.npy")
+        split_rows = [r for r in rows if r["split"] == split]
+        assert x.shape == (len(split_rows), meta["num_features"])
+        assert x.dtype == np.float32 and y.dtype == np.int64
+        assert np.isfinite(x).all()
+        assert y.tolist() == [meta["classes"].index(r["label"]) for r in split_rows]
+
+
+def test_model_outputs_load(pipeline):
+    head, head_meta = load_head(pipeline / "models/head.pt")
+    assert head_meta["classes"] == ["bird", "cat", "dog"]
+    assert head.in_features == head_meta["in_features"] == 1280
+    assert head_meta["params"]["epochs"] == 3
+    model, meta = load_classifier(pipeline / "models/finetuned.pt")
+    assert meta["backbone"] == "efficientnet_lite0"
+    assert meta["image_size"] == 32
+    assert meta["params"]["finetune"]["unfreeze"] == 1
+    with torch.inference_mode():
+        logits = model(torch.zeros(2, 3, 32, 32))
+    assert logits.shape == (2, 3)
+    assert 1 <= meta["summary"]["best_epoch"] <= 1
+    assert 1 <= head_meta["summary"]["best_epoch"] <= 3
+
+
+def test_training_curves_logged(pipeline):
+    head_summary = _read_json(pipeline / "dvclive/train_head/metrics.json")
+    assert "best_epoch" in head_summary, sorted(head_summary)
+    assert 1 <= head_summary["best_epoch"] <= 3
+    assert 0.0 <= head_summary["best_val_accuracy"] <= 1.0
+    finetune_summary = _read_json(pipeline / "dvclive/finetune/metrics.json")
+    assert finetune_summary["best_epoch"] == 1
+
+
+def test_evaluate_outputs(pipeline):
+    rows = _index_rows(pipeline / "data/prepared")
+    test_labels = Counter(r["label"] for r in rows if r["split"] == "test")
+    num_test = sum(test_labels.values())
+    assert num_test >= 3
+
+    metrics = _read_json(pipeline / "metrics/evaluate.json")
+    assert metrics["test_images"] == num_test
+    for model in ("head", "finetuned"):
+        assert 0.0 <= metrics[model]["accuracy"] <= 1.0
+        assert 0.0 <= metrics[model]["macro_f1"] <= 1.0
+
+    per_class = _read_json(pipeline / "metrics/per_class.json")
+    for model in ("head", "finetuned"):
+        assert sorted(per_class[model]) == ["bird", "cat", "dog"]
+        for label, scores in per_class[model].items():
+            assert scores["support"] == test_labels[label]
+
+    for model in ("head", "finetuned"):
+        records = _read_json(pipeline / f"plots/confusion_{model}.json")
+        assert len(records) == num_test
+        assert Counter(r["actual"] for r in records) == test_labels
+        assert {r["predicted"] for r in records} <= {"bird", "cat", "dog"}
+        correct = sum(r["actual"] == r["predicted"] for r in records)
+        assert metrics[model]["accuracy"] == pytest.approx(correct / num_test, abs=1e-6)
+
+
+def test_train_head_logreg(pipeline, tmp_path, monkeypatch, params_dict, write_params):
+    monkeypatch.chdir(tmp_path)
+    params_dict["head"]["kind"] = "logreg"
+    write_params(tmp_path, params_dict)
+    features = pipeline / "data/features"
+    load_stage("train_head").main([str(features), "head.pt", "live"])
+    head, meta = load_head(tmp_path / "head.pt")
+    assert meta["params"]["kind"] == "logreg"
+    assert meta["summary"]["C"] in (0.001, 0.01, 0.1, 1.0, 10.0)
+    val_x = torch.from_numpy(np.load(features / "val_features.npy"))
+    val_y = np.load(features / "val_labels.npy")
+    with torch.inference_mode():
+        accuracy = float((head(val_x).argmax(1).numpy() == val_y).mean())
+    assert accuracy == pytest.approx(meta["summary"]["best_val_accuracy"])
+    summary = _read_json(tmp_path / "live/metrics.json")
+    assert summary["best_val_accuracy"] == meta["summary"]["best_val_accuracy"]
+
+
+def _save_random_lite0(path: Path) -> Path:
+    """A local weights file, so extraction does not depend on the random number generator."""
+    from efficientnet_lite_pytorch import EfficientNet
+
+    torch.manual_seed(0)
+    net = EfficientNet.from_name("efficientnet-lite0", image_size=None)
+    torch.save(net.state_dict(), path)
+    return path
+
+
+def test_extract_is_byte_identical_across_runs(
+    tmp_path, monkeypatch, image_folder, params_dict, write_params
+):
+    monkeypatch.chdir(tmp_path)
+    params_dict["backbone"]["weights"] = str(_save_random_lite0(tmp_path / "lite0.pth"))
+    write_params(tmp_path, params_dict)
+    load_stage("prepare").main(["images", "prepared", "data.json"])
+    extract = load_stage("extract")
+
+    torch.manual_seed(1)
+    extract.main(["images", "prepared", "first"])
+    # Different random state and worker processes: neither may change a byte.
+    torch.manual_seed(2)
+    params_dict["compute"]["num_workers"] = 2
+    write_params(tmp_path, params_dict)
+    extract.main(["images", "prepared", "second"])
+
+    first = sorted(p.name for p in (tmp_path / "first").iterdir())
+    assert first == sorted(p.name for p in (tmp_path / "second").iterdir())
+    assert "train_features.npy" in first
+    for name in first:
+        assert (tmp_path / "first" / name).read_bytes() == (
+            tmp_path / "second" / name
+        ).read_bytes(), name
