@@ -85,8 +85,10 @@ def main(argv: list[str] | None = None) -> None:
                 on_epoch=on_epoch,
                 desc="head",
             )
-            summary = {"best_epoch": result.best_epoch,
-                       "best_val_accuracy": result.best_val_accuracy}
+            summary = {
+                "best_epoch": result.best_epoch,
+                "best_val_accuracy": result.best_val_accuracy,
+            }
         live.summary.update(summary)
 
     save_checkpoint(
