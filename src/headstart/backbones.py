@@ -16,11 +16,14 @@ Weights (`backbone.weights`):
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
@@ -149,20 +152,32 @@ def _weights_entry(enum: type, spec: str):
 
 
 def _download_state_dict(entry) -> dict[str, torch.Tensor]:
-    """Fetch torchvision weights into torch's hub cache, or say which file to put where."""
-    from urllib.parse import urlparse
+    """Fetch torchvision weights into torch's hub cache, or say which file to put where.
 
+    torchvision file names carry the first hex digits of the file's sha256
+    (`resnet18-f37072fd.pth`); a cached file is checked against them before loading, so a
+    wrong or tampered file placed there for offline use is refused, not loaded.
+    """
     filename = os.path.basename(urlparse(entry.url).path)
     cached = Path(torch.hub.get_dir()) / "checkpoints" / filename
-    if cached.is_file():
-        return load_state_dict_file(cached)
-    try:
-        torch.hub.download_url_to_file(entry.url, str(cached), progress=True)
-    except OSError as error:  # URLError is an OSError: offline, DNS, refused
-        raise RuntimeError(
-            f"cannot download {entry.url} ({error}). Offline? Copy that file to {cached}, "
-            "or set backbone.weights to a local weights file (e.g. pretrained/<file>.pth)"
-        ) from error
+    match = re.search(r"-([a-f0-9]{6,})\.", filename)
+    expected = match.group(1) if match else None
+    if not cached.is_file():
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            torch.hub.download_url_to_file(entry.url, str(cached), hash_prefix=expected)
+        except OSError as error:  # URLError is an OSError: offline, DNS, refused
+            raise FileNotFoundError(
+                f"cannot download {entry.url} ({error}). Offline? Copy that file to {cached}, "
+                "or save the state dict under pretrained/ and set backbone.weights to its path"
+            ) from error
+    if expected is not None:
+        digest = hashlib.sha256(cached.read_bytes()).hexdigest()
+        if not digest.startswith(expected):
+            raise ValueError(
+                f"{cached}: sha256 {digest[:12]}... does not match the expected {expected}...; "
+                f"delete the file and download {entry.url} again"
+            )
     return load_state_dict_file(cached)
 
 
@@ -268,7 +283,13 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
             f"{path}: weights file not found; put the file there or set backbone.weights to "
             "'pretrained' or 'none'"
         )
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # UnpicklingError, truncated zip, not a torch file, ...
+        raise ValueError(
+            f"{path}: not loadable as plain weights ({type(error).__name__}: {error}); "
+            "save a state dict with torch.save(model.state_dict(), path)"
+        ) from error
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
