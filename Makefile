@@ -9,7 +9,7 @@ export PATH := $(BIN):$(PATH)
 
 repro: $(VENV)/.installed
 	dvc repro
-	dvc metrics show
+	dvc metrics show metrics/evaluate.json
 
 test: $(VENV)/.installed
 	python -m pytest
