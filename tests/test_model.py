@@ -474,3 +474,13 @@ def test_failed_atomic_write_keeps_the_previous_file(tmp_path):
             raise RuntimeError("interrupted")
     assert path.read_bytes() == previous
     assert os.listdir(tmp_path) == ["metrics.json"]
+
+
+def test_checkpoint_bytes_do_not_depend_on_the_file_name(tmp_path):
+    """DVC skips downstream stages only when outputs are byte-identical across reruns."""
+    torch.manual_seed(0)
+    head = nn.Linear(4, 3)
+    first, second = tmp_path / "a" / "head.pt", tmp_path / "b" / "other.pt"
+    save_checkpoint(first, head.state_dict(), {"kind": "head", "classes": ["x", "y", "z"]})
+    save_checkpoint(second, head.state_dict(), {"kind": "head", "classes": ["x", "y", "z"]})
+    assert first.read_bytes() == second.read_bytes()

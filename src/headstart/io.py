@@ -80,8 +80,11 @@ def read_array(path: Path) -> np.ndarray:
 def save_checkpoint(path: Path, state_dict: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     """Save tensors plus the plain-data metadata needed to rebuild the model. No pickled code."""
     state = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    with atomic_path(path) as tmp:
-        torch.save({"format": CHECKPOINT_FORMAT, "state_dict": state, "meta": meta}, tmp)
+    # Serialise to memory first: torch.save names the zip's root folder after the file it
+    # writes to, and the temporary file's random name would make every save differ in bytes.
+    buffer = io.BytesIO()
+    torch.save({"format": CHECKPOINT_FORMAT, "state_dict": state, "meta": meta}, buffer)
+    write_bytes(path, buffer.getvalue())
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
