@@ -27,7 +27,7 @@ from headstart.model import (
 )
 from headstart.params import as_dict, load_params
 from headstart.stage import run
-from headstart.train import fit
+from headstart.train import fit, live_logger
 
 log = logging.getLogger("headstart.finetune")
 
@@ -76,12 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     with Live(str(args.live_dir), save_dvc_exp=False, dvcyaml=None) as live:
-
-        def on_epoch(record: dict) -> None:
-            for name, value in record.items():
-                if name != "epoch":
-                    live.log_metric(name, value)
-            live.next_step()
+        on_epoch = live_logger(live)
 
         result = fit(
             model,

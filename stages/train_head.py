@@ -21,7 +21,7 @@ from headstart.io import read_array, read_json, save_checkpoint
 from headstart.model import seed_everything
 from headstart.params import as_dict, load_params
 from headstart.stage import run
-from headstart.train import fit, fit_logreg
+from headstart.train import fit, fit_logreg, live_logger
 
 log = logging.getLogger("headstart.train_head")
 
@@ -44,12 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     generator = seed_everything(params.seed)
 
     with Live(str(args.live_dir), save_dvc_exp=False, dvcyaml=None) as live:
-
-        def on_epoch(record: dict) -> None:
-            for name, value in record.items():
-                if name not in ("epoch", "step", "C"):
-                    live.log_metric(name, value)
-            live.next_step()
+        on_epoch = live_logger(live)
 
         if params.kind == "logreg":
             head, summary = fit_logreg(

@@ -237,28 +237,21 @@ def eval_transform(size: int, mean, std) -> transforms.Compose:
 
 
 def train_transform(size: int, mean, std, augment: str) -> transforms.Compose:
-    """`none` is the eval transform; `light` adds small crops, shifts and rotations (no flips:
-    they change the meaning of digits, text and many other classes)."""
-    if augment == "none":
-        return eval_transform(size, mean, std)
-    return transforms.Compose(
-        [
-            transforms.Resize(
-                size, interpolation=transforms.InterpolationMode.BICUBIC, antialias=True
-            ),
-            transforms.CenterCrop(size),
-            transforms.ToTensor(),
-            transforms.Normalize(mean, std),
-            # After normalising, fill=0 pads uncovered corners with the mean colour.
+    """`none` is the eval transform; `light` adds small shifts, rotations and scaling (no
+    flips: they change the meaning of digits, text and many other classes)."""
+    steps = list(eval_transform(size, mean, std).transforms)
+    if augment == "light":
+        # After normalising, fill=0 pads uncovered corners with the mean colour.
+        steps.append(
             transforms.RandomAffine(
                 degrees=10,
                 translate=(0.08, 0.08),
                 scale=(0.9, 1.1),
                 interpolation=transforms.InterpolationMode.BILINEAR,
                 fill=0.0,
-            ),
-        ]
-    )
+            )
+        )
+    return transforms.Compose(steps)
 
 
 class ImageDataset(Dataset):

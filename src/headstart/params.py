@@ -194,21 +194,25 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     )
 
 
+def _check_keys(raw: dict, expected: list[str], kind: str, prefix: str) -> None:
+    """Refuse unknown and missing keys, naming the first of each."""
+    unknown = sorted(set(raw) - set(expected))
+    if unknown:
+        raise ParamsError(
+            f"params.yaml: unknown {kind} {prefix}{unknown[0]}; expected: {', '.join(expected)}"
+        )
+    missing = [k for k in expected if k not in raw]
+    if missing:
+        raise ParamsError(f"params.yaml: missing {kind} {prefix}{missing[0]}")
+
+
 def _section(cls: type, raw: Any, name: str) -> Any:
     if not isinstance(raw, dict):
         raise ParamsError(f"params.yaml: section {name!r} must be a mapping of keys to values")
     hints = typing.get_type_hints(cls)
     expected = [f.name for f in fields(cls)]
-    unknown = sorted(set(raw) - set(expected))
-    if unknown:
-        raise ParamsError(
-            f"params.yaml: unknown key {name}.{unknown[0]}; {name} takes: {', '.join(expected)}"
-        )
-    missing = [k for k in expected if k not in raw]
-    if missing:
-        raise ParamsError(f"params.yaml: missing key {name}.{missing[0]}")
-    values = {k: _coerce(raw[k], hints[k], f"{name}.{k}") for k in expected}
-    section = cls(**values)
+    _check_keys(raw, expected, "key", f"{name}.")
+    section = cls(**{k: _coerce(raw[k], hints[k], f"{name}.{k}") for k in expected})
     section.validate()
     return section
 
@@ -219,14 +223,7 @@ def parse_params(raw: Any) -> Params:
         raise ParamsError("params.yaml: expected a mapping of sections at the top level")
     hints = typing.get_type_hints(Params)
     expected = [f.name for f in fields(Params)]
-    unknown = sorted(set(raw) - set(expected))
-    if unknown:
-        raise ParamsError(
-            f"params.yaml: unknown section {unknown[0]!r}; sections: {', '.join(expected)}"
-        )
-    missing = [k for k in expected if k not in raw]
-    if missing:
-        raise ParamsError(f"params.yaml: missing section {missing[0]!r}")
+    _check_keys(raw, expected, "section", "")
     return Params(**{k: _section(hints[k], raw[k], k) for k in expected})
 
 

@@ -178,3 +178,15 @@ def fit_logreg(
         head.weight.copy_(torch.from_numpy(weight).float())
         head.bias.copy_(torch.from_numpy(bias).float())
     return head, {"C": c, "best_val_accuracy": accuracy}
+
+
+def live_logger(live) -> Callable[[dict[str, float]], None]:
+    """An on_epoch callback that logs one record per step to a DVCLive `Live`."""
+
+    def on_epoch(record: dict[str, float]) -> None:
+        for name, value in record.items():
+            if name not in ("epoch", "step"):
+                live.log_metric(name, value)
+        live.next_step()
+
+    return on_epoch
