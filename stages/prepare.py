@@ -11,7 +11,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from headstart.data import INDEX_HEADER, SPLITS, prepare_index
+from headstart.data import INDEX_HEADER, SKIP_REASONS, SPLITS, prepare_index
 from headstart.io import write_csv, write_json
 from headstart.params import load_params
 from headstart.stage import run
@@ -61,10 +61,16 @@ def _summary(report: dict) -> None:
         report["num_classes"],
         "\n".join(lines),
     )
+    if report["multi_frame"] or report["exif_errors"]:
+        log.info(
+            "%d animated file(s) used at frame 0; %d with unreadable EXIF orientation",
+            report["multi_frame"],
+            report["exif_errors"],
+        )
     if report["num_skipped"]:
-        for reason, count in sorted(report["skipped_by_reason"].items()):
-            log.warning("skipped %d file(s): %s", count, reason)
-        log.warning("the skipped files and reasons are listed in report.json")
+        for reason, count in report["skipped_by_reason"].items():
+            log.warning("skipped %d file(s): %s (%s)", count, reason, SKIP_REASONS[reason])
+        log.warning("every skipped file, with its reason, is listed in report.json")
 
 
 if __name__ == "__main__":

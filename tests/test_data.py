@@ -24,12 +24,17 @@ from headstart.data import (
 SEED = 42
 
 
+def _index(root: Path):
+    index = index_image_folder(root)
+    return index.classes, index.samples, index.skipped
+
+
 def _images_on_disk(root: Path) -> set[str]:
     return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
 
 
 def _splits(root: Path, seed: int = SEED) -> dict[str, str]:
-    _, samples, _ = index_image_folder(root)
+    _, samples, _ = _index(root)
     split, conflicts = assign_splits(samples, 0.15, 0.15, seed)
     assert conflicts == []
     return split
@@ -40,7 +45,7 @@ def _splits(root: Path, seed: int = SEED) -> dict[str, str]:
 
 
 def test_every_image_indexed_once(image_folder):
-    classes, samples, skipped = index_image_folder(image_folder)
+    classes, samples, skipped = _index(image_folder)
     assert classes == ["bird", "cat", "dog"]
     paths = [s.path for s in samples]
     assert len(paths) == len(set(paths)) == 36
@@ -56,7 +61,7 @@ def test_every_image_indexed_once(image_folder):
 
 def test_images_in_class_subfolders_belong_to_the_class(image_folder, make_image):
     make_image(image_folder / "cat" / "indoor" / "deep" / "extra.png", "cat", seed=7)
-    _, samples, _ = index_image_folder(image_folder)
+    _, samples, _ = _index(image_folder)
     by_path = {s.path: s.label for s in samples}
     assert by_path["cat/indoor/deep/extra.png"] == "cat"
 
@@ -70,7 +75,7 @@ def test_hidden_entries_are_neither_classes_nor_samples(image_folder, make_image
     make_image(image_folder / "dog" / ".ipynb_checkpoints" / "b.png", "dog", seed=3)
     make_image(image_folder / "__MACOSX" / "c.png", "dog", seed=4)
 
-    classes, samples, skipped = index_image_folder(image_folder)
+    classes, samples, skipped = _index(image_folder)
     assert classes == ["bird", "cat", "dog"]
     paths = {s.path for s in samples}
     assert len(paths) == 36
@@ -79,6 +84,15 @@ def test_hidden_entries_are_neither_classes_nor_samples(image_folder, make_image
         assert "._x.jpg" not in path
         assert ".ipynb_checkpoints" not in path
         assert "__MACOSX" not in path
+    # Nothing vanishes: each hidden file is reported as skipped.
+    assert {s.path: s.reason for s in skipped} == {
+        ".DS_Store": "hidden",
+        "cat/.DS_Store": "hidden",
+        "cat/._x.jpg": "hidden",
+        ".ipynb_checkpoints/a.png": "hidden",
+        "dog/.ipynb_checkpoints/b.png": "hidden",
+        "__MACOSX/c.png": "hidden",
+    }
 
 
 def test_unusable_files_are_skipped_with_a_reason(image_folder):
@@ -90,7 +104,7 @@ def test_unusable_files_are_skipped_with_a_reason(image_folder):
     (image_folder / "dog" / "truncated.png").write_bytes(png[: len(png) // 2])
     (image_folder / "bird" / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
 
-    _, samples, skipped = index_image_folder(image_folder)
+    _, samples, skipped = _index(image_folder)
     reasons = {s.path: s.reason for s in skipped}
     assert set(reasons) == {
         "cat/x.jpg",
@@ -99,10 +113,11 @@ def test_unusable_files_are_skipped_with_a_reason(image_folder):
         "dog/truncated.png",
         "bird/truncated.jpg",
     }
-    for path in ("cat/x.jpg", "dog/truncated.png", "bird/truncated.jpg"):
-        assert reasons[path].startswith("unreadable image"), reasons[path]
-    assert "extension" in reasons["cat/notes.txt"]
-    assert "root" in reasons["readme.md"]
+    assert reasons["cat/x.jpg"] == "unreadable"
+    assert reasons["dog/truncated.png"] == "truncated"
+    assert reasons["bird/truncated.jpg"] == "truncated"
+    assert reasons["cat/notes.txt"] == "not_image"
+    assert reasons["readme.md"] == "root_file"
     assert {s.path for s in samples}.isdisjoint(reasons)
     assert len(samples) == 36
 
@@ -112,8 +127,10 @@ def test_prepare_index_reports_skipped_files(image_folder):
     _, rows, report = prepare_index(image_folder, 0.15, 0.15, SEED)
     assert report["num_skipped"] == 1
     assert report["skipped"][0]["path"] == "cat/x.jpg"
-    assert report["skipped"][0]["reason"].startswith("unreadable image")
-    assert report["skipped_by_reason"] == {"unreadable image": 1}
+    assert report["skipped"][0]["reason"] == "unreadable"
+    assert "not a recognised image format" in report["skipped"][0]["detail"]
+    assert report["skipped_by_reason"] == {"unreadable": 1}
+    assert "unreadable" in report["skip_reasons"]
     assert report["num_images"] == len(rows) == 36
     assert all(row[0] != "cat/x.jpg" for row in rows)
 
@@ -224,7 +241,7 @@ def test_identical_bytes_within_a_class_share_a_split(image_folder):
 
 
 def _splits_without_copies(root: Path) -> dict[str, str]:
-    _, samples, _ = index_image_folder(root)
+    _, samples, _ = _index(root)
     originals = [s for s in samples if "/copies/" not in s.path]
     split, _ = assign_splits(originals, 0.15, 0.15, SEED)
     return split
@@ -232,11 +249,12 @@ def _splits_without_copies(root: Path) -> dict[str, str]:
 
 def test_same_bytes_under_two_classes_are_reported(image_folder):
     shutil.copy(image_folder / "cat" / "cat_03.jpg", image_folder / "dog" / "looks_like_cat.jpg")
-    _, samples, _ = index_image_folder(image_folder)
+    _, samples, _ = _index(image_folder)
     split, conflicts = assign_splits(samples, 0.15, 0.15, SEED)
     assert {c.path for c in conflicts} == {"cat/cat_03.jpg", "dog/looks_like_cat.jpg"}
     for conflict in conflicts:
-        assert "cat" in conflict.reason and "dog" in conflict.reason
+        assert conflict.reason == "conflicting_label"
+        assert "cat" in conflict.detail and "dog" in conflict.detail
         assert conflict.path not in split
 
     _, rows, report = prepare_index(image_folder, 0.15, 0.15, SEED)
@@ -265,7 +283,7 @@ def test_tiny_class_still_gets_every_split(image_folder, make_image):
 def test_class_too_small_to_split_names_it(image_folder, make_image):
     for index in range(2):
         make_image(image_folder / "fox" / f"fox_{index}.png", "fox", seed=5000 + index)
-    _, samples, _ = index_image_folder(image_folder)
+    _, samples, _ = _index(image_folder)
     with pytest.raises(ValueError, match="'fox'"):
         assign_splits(samples, 0.15, 0.15, SEED)
 

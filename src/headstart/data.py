@@ -12,25 +12,56 @@ import hashlib
 import logging
 import os
 import unicodedata
-import warnings
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 from torchvision import transforms
+
+from headstart.images import UnusableImage, decode_image, load_rgb
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+    {
+        ".jpg",
+        ".jpeg",
+        ".jfif",
+        ".png",
+        ".bmp",
+        ".gif",
+        ".webp",
+        ".tif",
+        ".tiff",
+        ".ppm",
+        ".pgm",
+        ".pbm",
+        ".pnm",
+        ".ico",
+    }
 )
-# Never classes, never samples: OS and tool droppings.
-IGNORED_NAMES = frozenset({".DS_Store", "Thumbs.db", "desktop.ini", "__MACOSX"})
+# Never classes, never samples: OS and tool droppings (plus every name starting with a dot).
+SYSTEM_NAMES = frozenset({"Thumbs.db", "desktop.ini", "__MACOSX"})
 SPLITS = ("train", "val", "test")
+
+# Why a file under data.dir is not in the index (codes in report.json's skipped list).
+SKIP_REASONS = {
+    "hidden": "hidden or system file (.*, __MACOSX, Thumbs.db, desktop.ini)",
+    "not_image": "not an image (extension not an image type, and not decodable)",
+    "unreadable": "image extension, but the file does not decode",
+    "truncated": "image data ends early (partial download or copy)",
+    "too_large": "more pixels than Pillow's decompression-bomb limit",
+    "root_file": "file directly in data.dir, outside any class folder",
+    "link_outside": "symbolic link to a path outside data.dir",
+    "link_dangling": "symbolic link to nothing",
+    "link_loop": "symbolic link to a folder already being walked (a loop)",
+    "link_duplicate": "symbolic link to a file already indexed under another path",
+    "conflicting_label": "the same bytes are filed under more than one class",
+    "duplicate_across_splits": "the same bytes are in a more held-out pre-split folder",
+}
 
 
 @dataclass(frozen=True)
@@ -40,108 +71,182 @@ class Sample:
     sha256: str
     width: int
     height: int
+    given_split: str | None = None  # from a pre-split layout <root>/<split>/<class>/...
 
 
 @dataclass(frozen=True)
 class Skipped:
     path: str
-    reason: str
+    reason: str  # a key of SKIP_REASONS
+    detail: str = ""
+
+
+@dataclass
+class FolderIndex:
+    classes: list[str]
+    samples: list[Sample]
+    skipped: list[Skipped]
+    presplit: bool
+    modes: Counter = field(default_factory=Counter)  # the files' own image modes
+    multi_frame: int = 0  # animated files (frame 0 used)
+    exif_errors: int = 0  # unreadable EXIF orientation (used as stored)
 
 
 def _is_hidden(name: str) -> bool:
-    return name.startswith(".") or name in IGNORED_NAMES
+    return name.startswith(".") or name in SYSTEM_NAMES
 
 
-def _walk_files(class_dir: Path) -> list[Path]:
-    """All non-hidden files below class_dir, sorted, following directory symlinks once."""
-    found: list[Path] = []
-    seen_dirs: set[str] = set()
-    stack = [class_dir]
-    while stack:
-        directory = stack.pop()
-        real = os.path.realpath(directory)
-        if real in seen_dirs:
-            continue
-        seen_dirs.add(real)
-        for entry in sorted(os.scandir(directory), key=lambda e: e.name):
-            if _is_hidden(entry.name):
-                continue
+@dataclass(frozen=True)
+class _Candidate:
+    path: Path
+    relative: str
+    label: str
+    given_split: str | None
+    via_link: bool  # reached through a symbolic link (file or folder)
+
+
+class _Walker:
+    """Lists every entry below data.dir once: candidates for the index, or skipped files."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.real_root = Path(os.path.realpath(root))
+        self.candidates: list[_Candidate] = []
+        self.skipped: list[Skipped] = []
+
+    def relative(self, path: Path) -> str:
+        return path.relative_to(self.root).as_posix()
+
+    def skip_tree(self, path: Path, reason: str) -> None:
+        """Skip a file, or every file below a folder (without following links)."""
+        if path.is_dir() and not path.is_symlink():
+            for dirpath, _, filenames in os.walk(path):
+                for name in sorted(filenames):
+                    self.skipped.append(Skipped(self.relative(Path(dirpath) / name), reason))
+        else:
+            self.skipped.append(Skipped(self.relative(path), reason))
+
+    def walk_class(self, folder: Path, label: str, given_split: str | None) -> None:
+        active: set[str] = {os.path.realpath(folder)}
+        self._walk(folder, label, given_split, via_link=False, active=active)
+
+    def _walk(self, folder, label, given_split, via_link: bool, active: set[str]) -> None:
+        for entry in sorted(os.scandir(folder), key=lambda e: e.name):
             path = Path(entry.path)
+            if _is_hidden(entry.name):
+                self.skip_tree(path, "hidden")
+                continue
+            is_link = entry.is_symlink()
+            if is_link and not path.exists():
+                self.skipped.append(
+                    Skipped(self.relative(path), "link_dangling", os.readlink(path))
+                )
+                continue
+            real = os.path.realpath(path)
+            if not Path(real).is_relative_to(self.real_root):
+                self.skipped.append(Skipped(self.relative(path), "link_outside", real))
+                continue
             if entry.is_dir():
-                stack.append(path)
+                if real in active or self.real_root.is_relative_to(real):
+                    self.skipped.append(Skipped(self.relative(path), "link_loop", real))
+                    continue
+                self._walk(path, label, given_split, via_link or is_link, active | {real})
             else:
-                found.append(path)
-    return sorted(found)
+                self.candidates.append(
+                    _Candidate(path, self.relative(path), label, given_split, via_link or is_link)
+                )
 
 
-def inspect_image(path: Path) -> tuple[int, int]:
-    """Fully decode an image to prove it is usable; return (width, height) after EXIF rotation."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(path) as image:
-            image.load()  # verify() misses truncated files; load() does not
-            image = ImageOps.exif_transpose(image)
-            return image.size
+def index_image_folder(root: Path) -> FolderIndex:
+    """Every file under root: a decodable image of a class, or skipped with a reason.
 
-
-def index_image_folder(root: Path) -> tuple[list[str], list[Sample], list[Skipped]]:
-    """List classes and decodable images under root; everything else is skipped with a reason."""
+    Layouts: `<root>/<class>/...`, or pre-split `<root>/<train|val|test>/<class>/...` (used
+    when the top-level folders are `train` plus optionally `val` and `test`).
+    """
     if not root.is_dir():
         raise FileNotFoundError(
             f"{root}: data.dir does not exist or is not a directory; point data.dir in "
             "params.yaml at an ImageFolder (<root>/<class>/<image>)"
         )
-    classes: list[str] = []
-    samples: list[Sample] = []
-    skipped: list[Skipped] = []
-    real_root = Path(os.path.realpath(root))
-    for entry in sorted(os.scandir(root), key=lambda e: e.name):
+    walker = _Walker(root)
+    top = [e for e in sorted(os.scandir(root), key=lambda e: e.name)]
+    folders = [e for e in top if e.is_dir() and not _is_hidden(e.name)]
+    presplit = "train" in {e.name for e in folders} and {e.name for e in folders} <= set(SPLITS)
+    class_folders: list[tuple[Path, str | None]] = []
+    for entry in top:
+        path = Path(entry.path)
         if _is_hidden(entry.name):
-            continue
-        if not entry.is_dir():
-            skipped.append(Skipped(entry.name, "file in the root, outside any class folder"))
-            continue
-        label = unicodedata.normalize("NFC", entry.name)
-        classes.append(label)
-        for path in _walk_files(Path(entry.path)):
-            relative = path.relative_to(root).as_posix()
-            if not Path(os.path.realpath(path)).is_relative_to(real_root):
-                skipped.append(Skipped(relative, "symbolic link to a file outside data.dir"))
-                continue
-            if path.suffix.lower() not in IMAGE_EXTENSIONS:
-                skipped.append(
-                    Skipped(relative, f"not an image extension ({path.suffix or 'none'})")
-                )
-                continue
-            try:
-                width, height = inspect_image(path)
-            except (
-                OSError,
-                ValueError,
-                SyntaxError,
-                Image.DecompressionBombError,
-                Image.DecompressionBombWarning,
-            ) as error:
-                skipped.append(Skipped(relative, f"unreadable image: {error}"))
-                continue
-            digest = hashlib.sha256(path.read_bytes()).hexdigest()
-            samples.append(Sample(relative, label, digest, width, height))
-    _check_classes(root, classes)
-    return classes, samples, skipped
+            walker.skip_tree(path, "hidden")
+        elif not entry.is_dir():
+            if entry.is_symlink() and not path.exists():
+                walker.skipped.append(Skipped(entry.name, "link_dangling", os.readlink(path)))
+            else:
+                walker.skipped.append(Skipped(entry.name, "root_file"))
+        elif presplit:
+            for sub in sorted(os.scandir(path), key=lambda e: e.name):
+                if _is_hidden(sub.name):
+                    walker.skip_tree(Path(sub.path), "hidden")
+                elif sub.is_dir():
+                    class_folders.append((Path(sub.path), entry.name))
+                else:
+                    walker.skipped.append(Skipped(walker.relative(Path(sub.path)), "root_file"))
+        else:
+            class_folders.append((path, None))
 
-
-def _check_classes(root: Path, classes: list[str]) -> None:
-    folded = Counter(c.casefold() for c in classes)
-    clashes = sorted(c for c in classes if folded[c.casefold()] > 1)
-    if clashes:
-        raise ValueError(
-            f"{root}: class folders {clashes} differ only by case or Unicode form; "
-            "rename them so every class name is unique ignoring case"
-        )
+    for split in {given for _, given in class_folders}:
+        _check_classes(root, [folder.name for folder, given in class_folders if given == split])
+    classes = sorted({unicodedata.normalize("NFC", folder.name) for folder, _ in class_folders})
     if len(classes) < 2:
         raise ValueError(
             f"{root}: expected one sub-folder per class, found {len(classes)} "
             f"({', '.join(classes) or 'none'}); a classifier needs at least two classes"
+        )
+    for folder, given_split in class_folders:
+        walker.walk_class(folder, unicodedata.normalize("NFC", folder.name), given_split)
+
+    index = FolderIndex(classes, [], walker.skipped, presplit)
+    # Real files first, then links: a link to an indexed file is a duplicate, not a sample.
+    indexed_at: dict[str, str] = {}
+    for candidate in sorted(walker.candidates, key=lambda c: (c.via_link, c.relative)):
+        real = os.path.realpath(candidate.path)
+        if real in indexed_at:
+            index.skipped.append(Skipped(candidate.relative, "link_duplicate", indexed_at[real]))
+            continue
+        indexed_at[real] = candidate.relative
+        try:
+            decoded = decode_image(candidate.path)
+        except UnusableImage as error:
+            reason = error.reason
+            if reason == "unreadable" and candidate.path.suffix.lower() not in IMAGE_EXTENSIONS:
+                reason = "not_image"
+            index.skipped.append(Skipped(candidate.relative, reason, error.detail))
+            continue
+        index.modes[decoded.mode] += 1
+        index.multi_frame += decoded.frames > 1
+        index.exif_errors += decoded.exif_error
+        width, height = decoded.image.size
+        digest = hashlib.sha256(candidate.path.read_bytes()).hexdigest()
+        index.samples.append(
+            Sample(
+                candidate.relative, candidate.label, digest, width, height, candidate.given_split
+            )
+        )
+    index.samples.sort(key=lambda s: s.path)
+    index.skipped.sort(key=lambda s: s.path)
+    return index
+
+
+def _check_classes(root: Path, names: list[str]) -> None:
+    """Folder names that differ only by case or Unicode normalisation would be one class on
+    some file systems and two on others: refuse them."""
+    by_key: dict[str, list[str]] = {}
+    for name in names:
+        by_key.setdefault(unicodedata.normalize("NFC", name).casefold(), []).append(name)
+    clashes = sorted(ascii(n) for group in by_key.values() if len(group) > 1 for n in group)
+    if clashes:
+        raise ValueError(
+            f"{root}: class folders {', '.join(clashes)} differ only by case or Unicode form; "
+            "rename them so every class name is unique ignoring case"
         )
 
 
@@ -161,20 +266,49 @@ def assign_splits(
     images are added, and independent of listing order. A class too small to receive a val or
     test image by chance gets the lowest-hash train images moved there, so every split of every
     class is non-empty.
+
+    Pre-split layouts keep their folders' splits; only a split with no folder is carved from
+    train as above. The same bytes in two pre-split folders stay only in the more held-out one
+    (test, then val), so nothing leaks between splits.
     """
     labels_by_hash: dict[str, set[str]] = {}
     for sample in samples:
         labels_by_hash.setdefault(sample.sha256, set()).add(sample.label)
     conflicts = {h for h, labels in labels_by_hash.items() if len(labels) > 1}
     skipped = [
-        Skipped(s.path, f"same bytes appear under classes {sorted(labels_by_hash[s.sha256])}")
+        Skipped(s.path, "conflicting_label", f"classes {sorted(labels_by_hash[s.sha256])}")
         for s in samples
         if s.sha256 in conflicts
     ]
-    split: dict[str, str] = {}
+    kept = [s for s in samples if s.sha256 not in conflicts]
+    given_splits = {s.given_split for s in kept} - {None}
+    if given_splits:
+        held_out = {}  # sha256 -> the most held-out split its bytes appear in
+        for sample in kept:
+            rank = SPLITS.index(sample.given_split)
+            held_out[sample.sha256] = max(held_out.get(sample.sha256, 0), rank)
+        for sample in kept:
+            if SPLITS.index(sample.given_split) < held_out[sample.sha256]:
+                skipped.append(
+                    Skipped(
+                        sample.path,
+                        "duplicate_across_splits",
+                        f"also in {SPLITS[held_out[sample.sha256]]}",
+                    )
+                )
+        kept = [s for s in kept if SPLITS.index(s.given_split) == held_out[s.sha256]]
+    carve = [name for name in ("test", "val") if name not in given_splits]
+    fractions = {
+        "test": test_fraction if "test" in carve else 0.0,
+        "val": val_fraction if "val" in carve else 0.0,
+    }
+
+    split: dict[str, str] = {
+        s.path: s.given_split for s in kept if s.given_split in ("val", "test")
+    }
     by_class: dict[str, list[Sample]] = {}
-    for sample in samples:
-        if sample.sha256 not in conflicts:
+    for sample in kept:
+        if sample.path not in split:
             by_class.setdefault(sample.label, []).append(sample)
     for label, members in sorted(by_class.items()):
         # Group identical bytes so duplicates move together; order groups by their hash value.
@@ -187,10 +321,10 @@ def assign_splits(
             u = _unit_hash(digest, seed)
             assigned[digest] = (
                 "test"
-                if u < test_fraction
-                else ("val" if u < test_fraction + val_fraction else "train")
+                if u < fractions["test"]
+                else ("val" if u < fractions["test"] + fractions["val"] else "train")
             )
-        for name in ("test", "val"):
+        for name in carve:
             if name not in assigned.values():
                 spare = [d for d in ordered if assigned[d] == "train"]
                 if len(spare) < 2:
@@ -208,18 +342,6 @@ def assign_splits(
 
 # --------------------------------------------------------------------------------------------
 # Decoding and transforms
-
-
-def load_rgb(path: Path) -> Image.Image:
-    """Decode an image file to RGB, with EXIF orientation applied."""
-    with Image.open(path) as image:
-        image = ImageOps.exif_transpose(image)
-        if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
-            # Composite transparency on white instead of exposing hidden colours.
-            rgba = image.convert("RGBA")
-            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            return Image.alpha_composite(background, rgba).convert("RGB")
-        return image.convert("RGB")
 
 
 def eval_transform(size: int, mean, std) -> transforms.Compose:
@@ -367,25 +489,28 @@ def prepare_index(
 ) -> tuple[list[str], list[list[str]], dict]:
     """Index and split an ImageFolder: (classes, index rows [path, label, split, sha256,
     width, height], report with counts per class and split and every skipped file)."""
-    classes, samples, skipped = index_image_folder(root)
-    split, conflicts = assign_splits(samples, val_fraction, test_fraction, seed)
-    skipped += conflicts
-    kept = [s for s in samples if s.path in split]
-    empty = [c for c in classes if not any(s.label == c for s in kept)]
-    if empty:
-        raise ValueError(
-            f"{root}: class folder(s) {empty} contain no usable image; add images or remove "
-            "the folder (see the skipped files in data/prepared/report.json)"
-        )
-    rows = [[s.path, s.label, split[s.path], s.sha256, str(s.width), str(s.height)] for s in kept]
-    counts = {c: {name: 0 for name in SPLITS} for c in classes}
+    index = index_image_folder(root)
+    split, more_skipped = assign_splits(index.samples, val_fraction, test_fraction, seed)
+    skipped = sorted(index.skipped + more_skipped, key=lambda s: s.path)
+    kept = [s for s in index.samples if s.path in split]
+    counts = {c: {name: 0 for name in SPLITS} for c in index.classes}
     for s in kept:
         counts[s.label][split[s.path]] += 1
+    for label, per_split in counts.items():
+        missing = [name for name in SPLITS if per_split[name] == 0]
+        if missing:
+            raise ValueError(
+                f"{root}: class {label!r} has no usable image in {', '.join(missing)} "
+                f"({sum(per_split.values())} in all); add images or remove the class folder "
+                "(skipped files and reasons: data/prepared/report.json)"
+            )
+    rows = [[s.path, s.label, split[s.path], s.sha256, str(s.width), str(s.height)] for s in kept]
     short_sides = [min(s.width, s.height) for s in kept]
     report = {
         "data_dir": str(root),
+        "layout": "pre-split" if index.presplit else "class folders",
         "num_images": len(kept),
-        "num_classes": len(classes),
+        "num_classes": len(index.classes),
         "splits": {name: sum(c[name] for c in counts.values()) for name in SPLITS},
         "counts": counts,
         "image_short_side": {
@@ -393,13 +518,15 @@ def prepare_index(
             "median": float(np.median(short_sides)),
             "max": int(max(short_sides)),
         },
+        "image_modes": dict(sorted(index.modes.items())),
+        "multi_frame": index.multi_frame,
+        "exif_errors": index.exif_errors,
         "num_skipped": len(skipped),
-        "skipped_by_reason": dict(Counter(s.reason.split(":")[0] for s in skipped)),
-        "skipped": [
-            {"path": s.path, "reason": s.reason} for s in sorted(skipped, key=lambda s: s.path)
-        ],
+        "skipped_by_reason": dict(sorted(Counter(s.reason for s in skipped).items())),
+        "skip_reasons": {r: SKIP_REASONS[r] for r in sorted({s.reason for s in skipped})},
+        "skipped": [{"path": s.path, "reason": s.reason, "detail": s.detail} for s in skipped],
     }
-    return classes, rows, report
+    return index.classes, rows, report
 
 
 INDEX_HEADER = ["path", "label", "split", "sha256", "width", "height"]

@@ -1,0 +1,98 @@
+"""Decode any common image file to correct RGB, or say exactly why it cannot be used.
+
+prepare and the data loaders decode through the same function, so an image that passed
+prepare decodes the same way in every later stage. Pillow's pitfalls handled here: `verify()`
+misses truncated files (we decode fully), `convert("RGB")` clips 16-bit images (we scale),
+transparent pixels keep hidden colours (we composite on white), EXIF orientation is not applied
+on open (we apply it), and decompression bombs only warn (we refuse them).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+log = logging.getLogger(__name__)
+
+
+class UnusableImage(Exception):
+    """An image file that cannot be used; `reason` is a short code for the data report."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class Decoded:
+    image: Image.Image  # RGB, EXIF orientation applied
+    mode: str  # the file's own mode: L, LA, P, RGB, RGBA, CMYK, I;16, ...
+    frames: int  # > 1 for animated images; frame 0 is used
+    exif_error: bool  # EXIF orientation was unreadable; the image is used as stored
+
+
+def decode_image(path: Path) -> Decoded:
+    """Fully decode `path` (frame 0) to RGB; raise UnusableImage with a reason otherwise."""
+    with warnings.catch_warnings():
+        # Above Image.MAX_IMAGE_PIXELS (Pillow's ~89 megapixels) Pillow only warns until 2x;
+        # refuse both alike.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with Image.open(path) as image:
+                mode = image.mode
+                frames = int(getattr(image, "n_frames", 1))
+                image.load()  # decodes the pixels: truncated data fails here
+                oriented, exif_error = _apply_exif_orientation(image, path)
+                return Decoded(to_rgb(oriented), mode, frames, exif_error)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+            raise UnusableImage("too_large", str(error)) from error
+        except UnidentifiedImageError as error:
+            raise UnusableImage("unreadable", "not a recognised image format") from error
+        except (OSError, SyntaxError, ValueError, EOFError) as error:
+            reason = "truncated" if "truncated" in str(error).lower() else "unreadable"
+            raise UnusableImage(reason, f"{type(error).__name__}: {error}") from error
+
+
+def _apply_exif_orientation(image: Image.Image, path: Path) -> tuple[Image.Image, bool]:
+    try:
+        return ImageOps.exif_transpose(image), False
+    except Exception as error:  # malformed EXIF takes many forms; counted in the data report
+        log.warning("%s: unreadable EXIF orientation (%s); using the image as stored", path, error)
+        return image, True
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode to 8-bit RGB without clipping, hidden colours or lost transparency."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        # 16-bit (or 32-bit integer) grey: scale to 8 bits instead of clipping at 255.
+        values = np.asarray(image).astype(np.int64)
+        if image.mode == "I" and values.max(initial=0) <= 255:
+            grey = values  # an 8-bit image stored as 32-bit integers
+        else:
+            grey = values >> 8
+        return Image.fromarray(np.clip(grey, 0, 255).astype(np.uint8)).convert("RGB")
+    if image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        if values.max(initial=0.0) <= 1.0:
+            values = values * 255.0  # floats in [0, 1]
+        return Image.fromarray(np.clip(np.round(values), 0, 255).astype(np.uint8)).convert("RGB")
+    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        image.mode == "P" and "transparency" in image.info
+    )
+    if has_alpha:
+        # Composite on white: fully transparent pixels become white, whatever colour they hold.
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_rgb(path: Path) -> Image.Image:
+    """The RGB pixels of an image file (frame 0, EXIF orientation applied)."""
+    return decode_image(path).image
