@@ -183,3 +183,23 @@ def test_python_tags_are_not_executed(tmp_path, params_dict, write_params):
     with pytest.raises(ParamsError):
         load_params(path)
     assert not marker.exists()
+
+
+def test_yaml_is_read_as_dvc_reads_it(tmp_path, params_dict, write_params):
+    """DVC parses params.yaml as YAML 1.2 (ruamel): `012` is 12 (not octal 10), `on` is the
+    string 'on' (not True). Our loader must agree, or a stage would see other values than
+    `dvc params diff` shows."""
+    from ruamel.yaml import YAML
+
+    path = write_params(tmp_path, params_dict)
+    text = path.read_text(encoding="utf-8")
+    text = text.replace("seed: 0", "seed: 012", 1).replace("augment: light", "augment: on")
+    path.write_text(text, encoding="utf-8")
+    as_dvc_reads_it = YAML(typ="safe", pure=True).load(text)
+    assert as_dvc_reads_it["finetune"]["augment"] == "on"
+    with pytest.raises(ParamsError, match="finetune.augment"):
+        load_params(path)  # 'on' is a string, and not an allowed value
+    path.write_text(text.replace("augment: on", "augment: light"), encoding="utf-8")
+    params = load_params(path)
+    seeds = [s.seed for s in (params.data, params.head, params.finetune) if s.seed == 12]
+    assert seeds, "012 must read as 12, as DVC reads it"

@@ -4,8 +4,8 @@ One frozen dataclass per section. Every stage loads and validates the whole file
 any section is caught by the first stage that runs), then reads only its own sections; dvc.yaml
 lists exactly those keys so DVC reruns a stage only when its settings change.
 
-YAML is read the way DVC reads it (YAML 1.2 numbers: `lr: 1e-3` is 0.001, not the string that
-PyYAML's YAML 1.1 rules give), with safe loading only: no tags that construct Python objects.
+YAML is read the way DVC reads it, with ruamel's safe YAML 1.2 loader (`lr: 1e-3` is 0.001, not
+the string PyYAML's YAML 1.1 rules give): no tags that construct Python objects.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
+from ruamel.yaml import YAML
+from ruamel.yaml.error import YAMLError
 
 from headstart.backbones import BACKBONES
 
@@ -27,19 +28,8 @@ class ParamsError(ValueError):
     """A params.yaml problem; the message names the key and the fix."""
 
 
-# YAML 1.2 floats, which PyYAML (YAML 1.1) leaves as strings when they lack a dot: 1e-3, 2E5.
+# YAML 1.2 floats, for values that arrive as strings (e.g. from a hand-built mapping).
 _FLOAT_1_2 = re.compile(r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?$")
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that resolves YAML 1.2 floats such as `1e-3`, as DVC's ruamel loader does."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."),
-)
 
 
 @dataclass(frozen=True)
@@ -227,14 +217,20 @@ def parse_params(raw: Any) -> Params:
     return Params(**{k: _section(hints[k], raw[k], k) for k in expected})
 
 
+def _read_yaml(text: str) -> Any:
+    """Parse as DVC does: ruamel's safe loader, YAML 1.2 (`1e-3` is 0.001, `012` is 12, `on`
+    is a string). Safe: tags that would construct Python objects are refused."""
+    return YAML(typ="safe", pure=True).load(text)
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
     """Read, type-check and validate params.yaml; raise ParamsError naming the key on problems."""
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path}: not found; run from the project root, where params.yaml is")
     try:
-        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)  # noqa: S506 safe subclass
-    except yaml.YAMLError as error:
+        raw = _read_yaml(path.read_text(encoding="utf-8"))
+    except YAMLError as error:
         raise ParamsError(f"{path}: not valid YAML: {error}") from error
     return parse_params(raw)
 
