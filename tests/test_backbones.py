@@ -70,7 +70,7 @@ def test_offline_cached_file_with_wrong_hash_is_refused(tmp_path, monkeypatch):
     cached = tmp_path / "hub" / "checkpoints" / Path(entry.url).name
     cached.parent.mkdir(parents=True)
     torch.save({"weight": torch.ones(2)}, cached)  # different bytes under the expected name
-    with pytest.raises(ValueError, match="does not match the expected"):
+    with pytest.raises(ValueError, match="does not match the .* in its name"):
         backbones._download_state_dict(entry)
 
 
@@ -91,3 +91,25 @@ def test_offline_without_file_says_where_to_put_it(tmp_path, monkeypatch):
 def test_weights_enum_of_another_family_is_refused():
     with pytest.raises(ValueError, match="ResNet18_Weights.IMAGENET1K_V1"):
         build_backbone("resnet18", "ResNet50_Weights.IMAGENET1K_V2")
+
+
+def test_local_file_named_with_a_hash_is_checked_before_loading(tmp_path):
+    """A hub-style name (`name-<sha256 prefix>.pth`) promises content; a mismatch is refused."""
+    torch.manual_seed(2)
+    source = torchvision.models.resnet18(weights=None)
+    blob = tmp_path / "blob.pth"
+    torch.save(source.state_dict(), blob)
+    digest = hashlib.sha256(blob.read_bytes()).hexdigest()
+    good = tmp_path / f"resnet18-{digest[:8]}.pth"
+    blob.rename(good)
+    build_backbone("resnet18", str(good))  # matches: loads
+    bad = tmp_path / "resnet18-00000000.pth"
+    good.rename(bad)
+    with pytest.raises(ValueError, match="resnet18-00000000.pth.*does not match"):
+        build_backbone("resnet18", str(bad))
+
+
+def test_shipped_lite0_file_matches_the_hash_in_its_name():
+    path = backbones._lite_weights_file()
+    assert backbones._hash_prefix(path.name) == "57934424"
+    assert hashlib.sha256(path.read_bytes()).hexdigest().startswith("57934424")

@@ -160,8 +160,7 @@ def _download_state_dict(entry) -> dict[str, torch.Tensor]:
     """
     filename = os.path.basename(urlparse(entry.url).path)
     cached = Path(torch.hub.get_dir()) / "checkpoints" / filename
-    match = re.search(r"-([a-f0-9]{6,})\.", filename)
-    expected = match.group(1) if match else None
+    expected = _hash_prefix(filename)
     if not cached.is_file():
         cached.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -171,14 +170,13 @@ def _download_state_dict(entry) -> dict[str, torch.Tensor]:
                 f"cannot download {entry.url} ({error}). Offline? Copy that file to {cached}, "
                 "or save the state dict under pretrained/ and set backbone.weights to its path"
             ) from error
-    if expected is not None:
-        digest = hashlib.sha256(cached.read_bytes()).hexdigest()
-        if not digest.startswith(expected):
-            raise ValueError(
-                f"{cached}: sha256 {digest[:12]}... does not match the expected {expected}...; "
-                f"delete the file and download {entry.url} again"
-            )
-    return load_state_dict_file(cached)
+    return load_state_dict_file(cached, fix=f"delete it and download {entry.url} again")
+
+
+def _hash_prefix(filename: str) -> str | None:
+    """The sha256 prefix in torch hub style names: `resnet18-f37072fd.pth` -> `f37072fd`."""
+    match = re.search(r"-([a-f0-9]{8,64})\.[A-Za-z]+$", filename)
+    return match.group(1) if match else None
 
 
 def _build_resnet(name: str) -> Callable[[str], Backbone]:
@@ -276,13 +274,25 @@ def build_backbone(name: str, weights: str) -> Backbone:
     return backbone
 
 
-def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
-    """Load a weights file without executing code (explicit weights_only=True)."""
+def load_state_dict_file(path: Path, fix: str = "replace it") -> dict[str, torch.Tensor]:
+    """Load a weights file without executing code (explicit weights_only=True).
+
+    A file named in torch hub style (`name-<sha256 prefix>.pth`, as torchvision's files and the
+    shipped EfficientNet-Lite0 file are) is checked against that hash before it is loaded.
+    """
     if not path.is_file():
         raise FileNotFoundError(
             f"{path}: weights file not found; put the file there or set backbone.weights to "
             "'pretrained' or 'none'"
         )
+    expected = _hash_prefix(path.name)
+    if expected is not None:
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        if not digest.startswith(expected):
+            raise ValueError(
+                f"{path}: sha256 {digest[:12]}... does not match the {expected} in its name: "
+                f"the file is damaged or not the one named; {fix}"
+            )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # UnpicklingError, truncated zip, not a torch file, ...
