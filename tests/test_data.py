@@ -335,3 +335,23 @@ def test_write_digits(tmp_path):
     with Image.open(files[0]) as image:
         assert image.size == (8, 8)
         assert image.mode == "L"
+
+
+def test_index_entries_must_stay_inside_data_dir(tmp_path, image_folder):
+    """A tampered or stale index.csv cannot make a stage read files outside data.dir."""
+    from headstart.data import INDEX_HEADER, load_prepared
+    from headstart.io import write_csv, write_json
+
+    classes, rows, report = prepare_index(image_folder, 0.15, 0.15, SEED)
+    prepared = tmp_path / "prepared"
+    write_json(prepared / "classes.json", classes)
+    write_json(prepared / "report.json", report)
+    write_csv(prepared / "index.csv", INDEX_HEADER, rows)
+    assert len(load_prepared(image_folder, prepared).rows) == len(rows)
+
+    secret = tmp_path / "secret.png"
+    shutil.copy(image_folder / rows[0][0], secret)
+    escaping = [["../secret.png", *rows[0][1:]]] + rows[1:]
+    write_csv(prepared / "index.csv", INDEX_HEADER, escaping)
+    with pytest.raises(ValueError, match=r"\.\./secret\.png.*leaves"):
+        load_prepared(image_folder, prepared)
