@@ -126,6 +126,20 @@ class _Walker:
         else:
             self.skipped.append(Skipped(self.relative(path), reason))
 
+    def top_level_link(self, path: Path) -> Skipped:
+        """Why a symbolic link where a class (or split) folder is expected is not followed."""
+        relative = self.relative(path)
+        if not path.exists():
+            return Skipped(relative, "link_dangling", os.readlink(path))
+        real = Path(os.path.realpath(path))
+        if not real.is_relative_to(self.real_root):
+            return Skipped(relative, "link_outside", str(real))
+        if self.real_root.is_relative_to(real):
+            return Skipped(relative, "link_loop", str(real))
+        if real.is_dir():
+            return Skipped(relative, "link_duplicate", real.relative_to(self.real_root).as_posix())
+        return Skipped(relative, "root_file")
+
     def walk_class(self, folder: Path, label: str, given_split: str | None) -> None:
         active: set[str] = {os.path.realpath(folder)}
         self._walk(folder, label, given_split, via_link=False, active=active)
@@ -169,32 +183,32 @@ def index_image_folder(root: Path) -> FolderIndex:
             "params.yaml at an ImageFolder (<root>/<class>/<image>)"
         )
     walker = _Walker(root)
-    top = [e for e in sorted(os.scandir(root), key=lambda e: e.name)]
-    folders = [e for e in top if e.is_dir() and not _is_hidden(e.name)]
-    presplit = "train" in {e.name for e in folders} and {e.name for e in folders} <= set(SPLITS)
+    top = sorted(os.scandir(root), key=lambda e: e.name)
+    folders = {e.name for e in top if e.is_dir() and not e.is_symlink() and not _is_hidden(e.name)}
+    presplit = "train" in folders and folders <= set(SPLITS)
     class_folders: list[tuple[Path, str | None]] = []
-    for entry in top:
-        path = Path(entry.path)
-        if _is_hidden(entry.name):
-            walker.skip_tree(path, "hidden")
-        elif not entry.is_dir():
-            if entry.is_symlink() and not path.exists():
-                walker.skipped.append(Skipped(entry.name, "link_dangling", os.readlink(path)))
-            else:
-                walker.skipped.append(Skipped(entry.name, "root_file"))
-        elif presplit:
-            for sub in sorted(os.scandir(path), key=lambda e: e.name):
-                if _is_hidden(sub.name):
-                    walker.skip_tree(Path(sub.path), "hidden")
-                elif sub.is_dir():
-                    class_folders.append((Path(sub.path), entry.name))
-                else:
-                    walker.skipped.append(Skipped(walker.relative(Path(sub.path)), "root_file"))
-        else:
-            class_folders.append((path, None))
 
-    for split in {given for _, given in class_folders}:
+    def add_folder_entries(entries, given_split: str | None) -> None:
+        for entry in entries:
+            path = Path(entry.path)
+            if _is_hidden(entry.name):
+                walker.skip_tree(path, "hidden")
+            elif entry.is_symlink():
+                # A class is a real folder: a link here would name a second class for the
+                # same images (or loop), so it is reported and not followed.
+                walker.skipped.append(walker.top_level_link(path))
+            elif not entry.is_dir():
+                walker.skipped.append(Skipped(walker.relative(path), "root_file"))
+            elif presplit and given_split is None:
+                add_folder_entries(sorted(os.scandir(path), key=lambda e: e.name), entry.name)
+            else:
+                class_folders.append((path, given_split))
+
+    add_folder_entries(top, None)
+    for split in {given for _, given in class_folders}:  # spellings side by side in one folder
         _check_classes(root, [folder.name for folder, given in class_folders if given == split])
+    # Across split folders one NFC name is one class; names differing by case are not.
+    _check_classes(root, sorted({unicodedata.normalize("NFC", f.name) for f, _ in class_folders}))
     classes = sorted({unicodedata.normalize("NFC", folder.name) for folder, _ in class_folders})
     if len(classes) < 2:
         raise ValueError(
@@ -391,10 +405,9 @@ class ImageDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path = self.root / self.paths[index]
         try:
-            image = load_rgb(path)
+            return self.transform(load_rgb(path)), self.labels[index]
         except Exception as error:  # re-raised with the file named, never swallowed
-            raise RuntimeError(f"{path}: cannot decode image: {error}") from error
-        return self.transform(image), self.labels[index]
+            raise RuntimeError(f"{path}: cannot decode or transform image: {error}") from error
 
 
 def choose_image_size(median_side: float, default_size: int) -> int:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,16 @@ class Decoded:
 
 def decode_image(path: Path) -> Decoded:
     """Fully decode `path` (frame 0) to RGB; raise UnusableImage with a reason otherwise."""
+    # Another library may have set Pillow's global LOAD_TRUNCATED_IMAGES, which pads truncated
+    # files with grey instead of failing: refuse truncated data here regardless.
+    allow_truncated, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
+    try:
+        return _decode(path)
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = allow_truncated
+
+
+def _decode(path: Path) -> Decoded:
     with warnings.catch_warnings():
         # Above Image.MAX_IMAGE_PIXELS (Pillow's ~89 megapixels) Pillow only warns until 2x;
         # refuse both alike.
@@ -82,7 +92,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
         if values.max(initial=0.0) <= 1.0:
             values = values * 255.0  # floats in [0, 1]
         return Image.fromarray(np.clip(np.round(values), 0, 255).astype(np.uint8)).convert("RGB")
-    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa") or (
         image.mode == "P" and "transparency" in image.info
     )
     if has_alpha:
