@@ -70,7 +70,9 @@ def main(argv: list[str] | None = None) -> None:
         batch_size=compute.batch_size,
         num_workers=compute.num_workers,
     )
-    logits, labels = run_inference(model, loader, device, desc="evaluate finetuned")
+    logits, labels = run_inference(
+        model, loader, device, desc="evaluate finetuned", batch_size_key="compute.batch_size"
+    )
     if not (labels == test_y).all():
         raise ValueError(
             f"{args.features_dir}: test labels differ from {args.prepared_dir}; "

@@ -49,7 +49,13 @@ def main(argv: list[str] | None = None) -> None:
                 batch_size=params.compute.batch_size,
                 num_workers=params.compute.num_workers,
             )
-            features, labels = run_inference(backbone, loader, device, desc=f"extract {split}")
+            features, labels = run_inference(
+                backbone,
+                loader,
+                device,
+                desc=f"extract {split}",
+                batch_size_key="compute.batch_size",
+            )
             write_array(out / f"{split}_features.npy", features)  # (N, D) float32
             write_array(out / f"{split}_labels.npy", labels)  # (N,) int64
         write_json(

@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> None:
             train_mode=lambda m: train_mode(m, frozen, ft.bn),
             on_epoch=on_epoch,
             desc="finetune",
+            batch_size_key="finetune.batch_size",
         )
         live.summary.update(
             {"best_epoch": result.best_epoch, "best_val_accuracy": result.best_val_accuracy}

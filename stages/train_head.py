@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> None:
                 device=torch.device("cpu"),
                 on_epoch=on_epoch,
                 desc="head",
+                batch_size_key="head.batch_size",
             )
             summary = {
                 "best_epoch": result.best_epoch,

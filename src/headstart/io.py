@@ -1,16 +1,23 @@
 """Files: atomic writes, JSON, feature arrays and self-describing checkpoints.
 
 Every output goes to a temporary file in its destination folder and is moved into place with
-`os.replace`, so an interrupted stage never leaves a half-written file behind.
+`os.replace`, so an interrupted stage never leaves a half-written file behind. A process killed
+outright (SIGKILL, power loss) cannot clean up its temporary file; the next write to the same
+path removes such orphans. A full disk raises `DiskFullError` naming the file, and the previous
+version of the file stays as it was.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import io
 import json
+import logging
 import os
+import re
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,23 +26,89 @@ from typing import Any
 import numpy as np
 import torch
 
+log = logging.getLogger(__name__)
+
 CHECKPOINT_FORMAT = 1
+# Errors that mean "the disk (or the user's quota) is full": the fix is the same.
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+class DiskFullError(OSError):
+    """No space left while writing an output; `filename` is the output, never the temp file."""
+
+    def __str__(self) -> str:
+        return f"{self.filename}: {self.strerror}"
+
+
+def _disk_full(path: Path, error: OSError) -> DiskFullError:
+    reason = os.strerror(error.errno).lower()
+    return DiskFullError(
+        error.errno,
+        f"{reason}; free disk space and run again (any previous version is unchanged)",
+        str(path),
+    )
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}."
+
+
+def remove_orphans(path: Path) -> list[Path]:
+    """Remove temporary files and folders that a killed write to `path` left next to it.
+
+    They are named like the ones atomic_path and atomic_dir make: `.<name>.<random>.tmp`, where
+    the random part (tempfile's) has no dots, so `.a.b.<random>.tmp` (a temp file of `a.b`)
+    is never taken for one of `a`'s. One writer per output path is assumed, as in a pipeline.
+    """
+    pattern = re.compile(re.escape(_temp_prefix(path)) + r"[a-z0-9_]+\.tmp")
+    try:
+        entries = list(os.scandir(path.parent))
+    except FileNotFoundError:
+        return []
+    removed = []
+    for entry in entries:
+        if not pattern.fullmatch(entry.name):
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
+        else:
+            Path(entry.path).unlink(missing_ok=True)
+        removed.append(Path(entry.path))
+    if removed:
+        log.warning(
+            "removed %d temporary file(s) left by an interrupted write of %s: %s",
+            len(removed),
+            path,
+            ", ".join(p.name for p in removed),
+        )
+    return removed
 
 
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path next to `path`; on success fsync it and move it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    """Yield a temporary path next to `path`; on success fsync it and move it into place.
+
+    On any error (a full disk included) the temporary file is removed and `path` keeps its
+    previous content; ENOSPC/EDQUOT become a DiskFullError that names `path`.
+    """
+    tmp_path: Path | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_orphans(path)
+        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp_path = Path(tmp)
         yield tmp_path
         with open(tmp_path, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp_path, path)
+    except OSError as error:
+        if error.errno in DISK_FULL_ERRNOS and not isinstance(error, DiskFullError):
+            raise _disk_full(path, error) from error
+        raise
     finally:
-        tmp_path.unlink(missing_ok=True)
+        if tmp_path is not None:
+            tmp_path.unlink(missing_ok=True)
 
 
 def write_bytes(path: Path, data: bytes) -> None:
@@ -102,14 +175,23 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
 
 @contextlib.contextmanager
 def atomic_dir(path: Path) -> Iterator[Path]:
-    """Yield a temporary folder next to `path`; on success it replaces `path` whole."""
-    import shutil
+    """Yield a temporary folder next to `path`; on success it replaces `path` whole.
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    Orphaned temporary folders and full disks are handled as in atomic_path; a DiskFullError
+    names `path`, not the file inside the temporary folder that was being written.
+    """
+    tmp: Path | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_orphans(path)
+        tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))
         yield tmp
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
+    except OSError as error:
+        if error.errno in DISK_FULL_ERRNOS:
+            raise _disk_full(path, error) from error
+        raise
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -1,15 +1,22 @@
 """What every stage script shares: logging, clean errors, and exiting non-zero on interruption.
 
 DVC records a stage's outputs only when it exits 0, so an interrupted stage must never exit 0;
-SIGTERM is turned into an exception so temporary files are cleaned up on the way out.
+SIGTERM is turned into an exception so temporary files are cleaned up on the way out. Errors
+the user can fix (bad input or params, a full disk, a batch too large for memory) end in one
+line naming the file or key and the fix, and exit code 1; anything else keeps its traceback.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable
+
+# ENOSPC: no space left on device; EDQUOT: disk quota exceeded. Same fix.
+_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 log = logging.getLogger("headstart")
 
@@ -37,6 +44,17 @@ def run(main: Callable[[list[str] | None], None], argv: list[str] | None = None)
         log.debug("details", exc_info=True)
         log.error("%s", error)
         return 1
+    except OSError as error:
+        if error.errno not in _DISK_FULL_ERRNOS:
+            raise
+        log.debug("details", exc_info=True)
+        log.error("%s", _disk_full_message(error))
+        return 1
+    except MemoryError as error:
+        # headstart.train.OutOfMemory (a MemoryError) names the batch size key to lower.
+        log.debug("details", exc_info=True)
+        log.error("%s", str(error) or "out of memory; lower the batch size in params.yaml")
+        return 1
     except KeyboardInterrupt:
         log.error("interrupted (SIGINT); no output was recorded")
         return 130
@@ -44,3 +62,13 @@ def run(main: Callable[[list[str] | None], None], argv: list[str] | None = None)
         log.error("interrupted (SIGTERM); no output was recorded")
         return 143
     return 0
+
+
+def _disk_full_message(error: OSError) -> str:
+    """One line: the file (when known), the cause, the fix."""
+    from headstart.io import DiskFullError  # io imports torch: only load it when needed
+
+    if isinstance(error, DiskFullError):
+        return str(error)
+    where = error.filename or "writing an output"
+    return f"{where}: {os.strerror(error.errno).lower()}; free disk space and run again"

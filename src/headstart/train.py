@@ -4,13 +4,17 @@ What differs between the two is data: the module, its trainable parameters and t
 the batches, the number of epochs. The loop: AdamW on the given parameter groups, a per-step
 cosine schedule, validation every epoch, early stopping on validation accuracy (ties broken by
 validation loss), and the best epoch's weights returned.
+
+Running out of memory (CUDA, or the CPU allocator) in training or inference raises
+`OutOfMemory`, whose one-line message names the params key of the batch size to lower.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,6 +23,50 @@ from torch import nn
 from tqdm import tqdm
 
 log = logging.getLogger(__name__)
+
+# Said when the caller did not name its batch size key: the keys that set batch sizes.
+_BATCH_SIZE_KEYS = "head.batch_size, finetune.batch_size or compute.batch_size"
+
+
+class OutOfMemory(MemoryError):
+    """A batch did not fit in (GPU or CPU) memory; the message says which setting to lower.
+
+    A MemoryError, so stage.run reports it in one line and exits 1 whatever raised it.
+    """
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or a RuntimeError from another allocator that says so."""
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        return True
+    # CPU: "DefaultCPUAllocator: can't allocate memory: ..."; MPS: "MPS backend out of memory".
+    message = str(error).lower()
+    return "out of memory" in message or "can't allocate memory" in message
+
+
+@contextlib.contextmanager
+def _explain_out_of_memory(
+    desc: str, device: torch.device, batches: Iterable, batch_size_key: str | None
+) -> Iterator[None]:
+    """Turn an out-of-memory RuntimeError into OutOfMemory, naming the batch size to lower."""
+    try:
+        yield
+    except RuntimeError as error:
+        if not _is_out_of_memory(error):
+            raise
+        batch_size = getattr(batches, "batch_size", None)  # a DataLoader's; None if unknown
+        cause = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+        fix = (
+            f"lower {batch_size_key} in params.yaml"
+            if batch_size_key
+            else f"lower the batch size in params.yaml ({_BATCH_SIZE_KEYS})"
+        )
+        if batch_size_key and batch_size and batch_size > 1:
+            fix += f", e.g. dvc exp run -S {batch_size_key}={batch_size // 2}"
+        size = f" with batches of {batch_size}" if batch_size else ""
+        raise OutOfMemory(
+            f"{desc}: out of memory on {device}{size} ({cause or type(error).__name__}); {fix}"
+        ) from error
 
 
 @dataclass
@@ -43,8 +91,13 @@ def fit(
     train_mode: Callable[[nn.Module], None] = lambda m: m.train(),
     on_epoch: Callable[[dict[str, float]], None] | None = None,
     desc: str = "train",
+    batch_size_key: str | None = None,
 ) -> FitResult:
-    """Train `model` in place and load the best epoch's weights back into it."""
+    """Train `model` in place and load the best epoch's weights back into it.
+
+    `batch_size_key` (e.g. "finetune.batch_size") is the params key named in the OutOfMemory
+    error if a batch does not fit in memory. Nothing is written here: an error leaves no output.
+    """
     if not any(p.requires_grad for g in groups for p in g["params"]):
         raise ValueError("nothing to train: no parameter in the optimizer requires grad")
     model.to(device)
@@ -56,60 +109,65 @@ def fit(
     history: list[dict[str, float]] = []
     stale = 0
     step = 0
-    for epoch in range(1, epochs + 1):
-        train_mode(model)
-        total_loss, total_correct, seen = 0.0, 0, 0
-        progress = tqdm(train_batches, desc=f"{desc} epoch {epoch}/{epochs}", leave=False)
-        for inputs, targets in progress:
-            inputs, targets = inputs.to(device), targets.to(device)
-            # Cosine decay from each group's own learning rate to zero over all steps.
-            scale = 0.5 * (1.0 + math.cos(math.pi * step / max(steps, 1)))
-            for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
-                group["lr"] = base * scale
-            logits = model(inputs)
-            loss = loss_fn(logits, targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            total_loss += loss.item() * len(targets)
-            total_correct += (logits.argmax(1) == targets).sum().item()
-            seen += len(targets)
-            progress.set_postfix(loss=f"{total_loss / seen:.4f}")
-        val_loss, val_accuracy = evaluate_loss_accuracy(model, val_batches, device)
-        record = {
-            "epoch": epoch,
-            "train_loss": total_loss / seen,
-            "train_accuracy": total_correct / seen,
-            "val_loss": val_loss,
-            "val_accuracy": val_accuracy,
-        }
-        log.info(
-            "%s epoch %d/%d: train loss %.4f acc %.4f | val loss %.4f acc %.4f",
-            desc,
-            epoch,
-            epochs,
-            record["train_loss"],
-            record["train_accuracy"],
-            val_loss,
-            val_accuracy,
-        )
-        if on_epoch is not None:
-            on_epoch(record)
-        improved = best is None or (val_accuracy, -val_loss) > (
-            best.best_val_accuracy,
-            -best.best_val_loss,
-        )
-        if improved:
-            state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-            best = FitResult(epoch, val_accuracy, val_loss, state, history)
-            stale = 0
-        else:
-            stale += 1
-        history.append(record)
-        if stale >= patience:
-            log.info("%s: early stop after epoch %d (best epoch %d)", desc, epoch, best.best_epoch)
-            break
+    with _explain_out_of_memory(desc, device, train_batches, batch_size_key):
+        for epoch in range(1, epochs + 1):
+            train_mode(model)
+            total_loss, total_correct, seen = 0.0, 0, 0
+            progress = tqdm(train_batches, desc=f"{desc} epoch {epoch}/{epochs}", leave=False)
+            for inputs, targets in progress:
+                inputs, targets = inputs.to(device), targets.to(device)
+                # Cosine decay from each group's own learning rate to zero over all steps.
+                scale = 0.5 * (1.0 + math.cos(math.pi * step / max(steps, 1)))
+                for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
+                    group["lr"] = base * scale
+                logits = model(inputs)
+                loss = loss_fn(logits, targets)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                step += 1
+                total_loss += loss.item() * len(targets)
+                total_correct += (logits.argmax(1) == targets).sum().item()
+                seen += len(targets)
+                progress.set_postfix(loss=f"{total_loss / seen:.4f}")
+            val_loss, val_accuracy = evaluate_loss_accuracy(
+                model, val_batches, device, batch_size_key
+            )
+            record = {
+                "epoch": epoch,
+                "train_loss": total_loss / seen,
+                "train_accuracy": total_correct / seen,
+                "val_loss": val_loss,
+                "val_accuracy": val_accuracy,
+            }
+            log.info(
+                "%s epoch %d/%d: train loss %.4f acc %.4f | val loss %.4f acc %.4f",
+                desc,
+                epoch,
+                epochs,
+                record["train_loss"],
+                record["train_accuracy"],
+                val_loss,
+                val_accuracy,
+            )
+            if on_epoch is not None:
+                on_epoch(record)
+            improved = best is None or (val_accuracy, -val_loss) > (
+                best.best_val_accuracy,
+                -best.best_val_loss,
+            )
+            if improved:
+                state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+                best = FitResult(epoch, val_accuracy, val_loss, state, history)
+                stale = 0
+            else:
+                stale += 1
+            history.append(record)
+            if stale >= patience:
+                log.info(
+                    "%s: early stop after epoch %d (best epoch %d)", desc, epoch, best.best_epoch
+                )
+                break
     model.load_state_dict(best.state_dict)
     log.info("%s: best epoch %d, val accuracy %.4f", desc, best.best_epoch, best.best_val_accuracy)
     return best
@@ -117,24 +175,32 @@ def fit(
 
 @torch.inference_mode()
 def run_inference(
-    model: nn.Module, batches: Iterable, device: torch.device, desc: str = "predict"
+    model: nn.Module,
+    batches: Iterable,
+    device: torch.device,
+    desc: str = "predict",
+    batch_size_key: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Run `model` in eval mode over all batches; return (outputs (N, ...) float32, labels (N,)).
 
     Used for logits (head, fine-tuned model) and for pooled features (a bare backbone).
+    `batch_size_key` is named in the OutOfMemory error, as in fit.
     """
     model.eval().to(device)
     all_logits, all_labels = [], []
-    for inputs, targets in tqdm(batches, desc=desc, leave=False):
-        all_logits.append(model(inputs.to(device)).float().cpu())
-        all_labels.append(torch.as_tensor(targets))
+    with _explain_out_of_memory(desc, device, batches, batch_size_key):
+        for inputs, targets in tqdm(batches, desc=desc, leave=False):
+            all_logits.append(model(inputs.to(device)).float().cpu())
+            all_labels.append(torch.as_tensor(targets))
     return torch.cat(all_logits).numpy(), torch.cat(all_labels).numpy().astype(np.int64)
 
 
 def evaluate_loss_accuracy(
-    model: nn.Module, batches: Iterable, device: torch.device
+    model: nn.Module, batches: Iterable, device: torch.device, batch_size_key: str | None = None
 ) -> tuple[float, float]:
-    logits, labels = run_inference(model, batches, device, desc="validate")
+    logits, labels = run_inference(
+        model, batches, device, desc="validate", batch_size_key=batch_size_key
+    )
     loss = nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels)).item()
     return loss, float((logits.argmax(1) == labels).mean())
 

@@ -1,0 +1,222 @@
+"""An interrupted stage under the real `dvc repro` records nothing, and a rerun heals it.
+
+DVC writes a stage's entry in dvc.lock only when the stage's command exits 0. So a fine-tune
+interrupted with Ctrl-C (SIGINT to the whole process group, as a terminal sends it) or killed
+outright (SIGKILL to the stage's python alone, as `kill -9` or the OOM killer does) must leave
+dvc.lock byte-identical, keep `dvc status` dirty, and the next `dvc repro` must produce exactly
+what an uninterrupted run with the same params produces (whole dvc.lock, model, metrics).
+
+One baseline repository is run once (all stages, 2 fine-tune epochs) and copied for each case;
+each copy then raises finetune.epochs, so only finetune and evaluate run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+from test_e2e_dvc import FAST, _env, make_repo, ran_stages, run
+
+pytestmark = pytest.mark.e2e
+
+# Long enough (a fraction of a second per epoch here) that the run is still training when the
+# signal arrives after epoch 1; patience = epochs, so an uninterrupted run trains them all.
+EPOCHS = 20
+LONG = {"finetune.epochs": EPOCHS, "finetune.patience": EPOCHS}
+FIRST_EPOCH = f"finetune epoch 1/{EPOCHS}:"
+# What an uninterrupted run and a healed rerun must agree on, byte for byte. dvc.lock holds the
+# md5 of every dependency and output (dvclive/finetune included: each epoch's curves).
+RESULTS = (
+    "dvc.lock",
+    "models/finetuned.pt",
+    "dvclive/finetune/metrics.json",
+    "metrics/evaluate.json",
+    "metrics/per_class.json",
+    "plots/confusion_finetuned.json",
+)
+
+
+def _copy_repo(source: Path, target: Path) -> Path:
+    """A copy of a git + DVC repository, cache included, without DVC's per-machine state."""
+
+    def skip(directory: str, names: list[str]) -> set[str]:
+        # .dvc/tmp: locks and the inode/mtime hash cache, which would not match the copy.
+        return {"tmp"} if Path(directory).name == ".dvc" else set()
+
+    shutil.copytree(source, target, symlinks=True, ignore=skip)
+    return target
+
+
+def _set_params(repo: Path, overrides: dict) -> None:
+    path = repo / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    for dotted, value in overrides.items():
+        section, key = dotted.split(".")
+        params[section][key] = value
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def _results(repo: Path) -> dict[str, bytes]:
+    return {name: (repo / name).read_bytes() for name in RESULTS}
+
+
+@contextlib.contextmanager
+def _repro_in_background(repo: Path, log: Path) -> Iterator[subprocess.Popen]:
+    """`dvc repro` in its own session (its pid is the process group id), output to `log`.
+
+    Whatever happens, every process left in that group is SIGKILLed on the way out.
+    """
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            ["dvc", "repro"],
+            cwd=repo,
+            env=_env(repo),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        yield proc
+    finally:
+        leftovers = []
+        with contextlib.suppress(psutil.NoSuchProcess):
+            leftovers = psutil.Process(proc.pid).children(recursive=True)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        for child in leftovers:  # anything that left the group
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
+        proc.wait(timeout=30)
+
+
+def _wait_for(log: Path, text: str, proc: subprocess.Popen, timeout: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if text in log.read_text(errors="replace"):
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"dvc repro ended (rc {proc.returncode}) before {text!r}:\n{_tail(log)}")
+        time.sleep(0.02)
+    pytest.fail(f"no {text!r} after {timeout:.0f} s:\n{_tail(log)}")
+
+
+def _tail(log: Path) -> str:
+    return log.read_text(errors="replace")[-6000:]
+
+
+def _finetune_process(dvc: subprocess.Popen) -> psutil.Process:
+    """The python process running stages/finetune.py (not the shell DVC may start it with)."""
+    for child in psutil.Process(dvc.pid).children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            cmdline = child.cmdline()
+            if (
+                cmdline
+                and "python" in Path(cmdline[0]).name
+                and any(arg.endswith("stages/finetune.py") for arg in cmdline)
+            ):
+                return child
+    pytest.fail("no python process running stages/finetune.py under dvc repro")
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory, image_folder_factory) -> Path:
+    """A repository whose whole pipeline has run once (2 fine-tune epochs) and is committed."""
+    root = tmp_path_factory.mktemp("interrupt")
+    repo = make_repo(root, image_folder_factory(root / "images"), FAST)
+    output = run(repo, "dvc", "repro")
+    assert "finetune" in ran_stages(output), output
+    run(repo, "git", "add", "-A")
+    run(repo, "git", "commit", "-q", "-m", "baseline run")
+    return repo
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(baseline, tmp_path_factory) -> dict[str, bytes]:
+    """The results of the LONG params run without interruption, in a copy of the baseline."""
+    repo = _copy_repo(baseline, tmp_path_factory.mktemp("uninterrupted") / "repo")
+    _set_params(repo, LONG)
+    output = run(repo, "dvc", "repro")
+    assert ran_stages(output) == {"finetune", "evaluate"}, output
+    # patience == epochs: every epoch ran (DVCLive's last step is EPOCHS - 1).
+    assert json.loads((repo / "dvclive/finetune/metrics.json").read_text())["step"] == EPOCHS - 1
+    return _results(repo)
+
+
+def _interrupted_then_healed(repo: Path, log: Path, interrupt, uninterrupted) -> str:
+    """Start `dvc repro`, call interrupt(proc) after fine-tune epoch 1, check nothing was
+    recorded, rerun to completion, compare with the uninterrupted run; return the first log."""
+    lock_before = (repo / "dvc.lock").read_bytes()
+    with _repro_in_background(repo, log) as proc:
+        _wait_for(log, FIRST_EPOCH, proc)
+        interrupt(proc)
+        returncode = proc.wait(timeout=120)
+    output = log.read_text(errors="replace")
+
+    assert returncode != 0, output[-6000:]
+    assert f"finetune epoch {EPOCHS}/{EPOCHS}:" not in output, "finished before the signal"
+    assert "Running stage 'evaluate'" not in output
+    # Nothing of the interrupted run was recorded: the lock still describes the baseline run...
+    assert (repo / "dvc.lock").read_bytes() == lock_before
+    # ...and no model was written (DVC removed the old one before running the stage).
+    assert not (repo / "models" / "finetuned.pt").exists()
+    assert not list((repo / "models").glob(".finetuned.pt.*.tmp"))
+    status = run(repo, "dvc", "status")
+    assert "finetune:" in status and "up to date" not in status, status
+
+    rerun = run(repo, "dvc", "repro")
+    assert ran_stages(rerun) == {"finetune", "evaluate"}, rerun  # ran, not restored
+    healed = _results(repo)
+    for name in RESULTS:
+        assert healed[name] == uninterrupted[name], f"{name} differs from the uninterrupted run"
+    assert "up to date" in run(repo, "dvc", "status")
+    return output
+
+
+def test_sigint_to_dvc_repro_records_nothing_and_a_rerun_matches(baseline, uninterrupted, tmp_path):
+    """Ctrl-C: SIGINT to the process group. DVC ignores it while the stage runs; the stage
+    must exit non-zero (130) rather than save what it has."""
+    repo = _copy_repo(baseline, tmp_path / "repo")
+    _set_params(repo, LONG)
+
+    def ctrl_c(proc: subprocess.Popen) -> None:
+        os.killpg(proc.pid, signal.SIGINT)
+
+    output = _interrupted_then_healed(repo, tmp_path / "repro.log", ctrl_c, uninterrupted)
+    assert "interrupted (SIGINT); no output was recorded" in output  # stage.run's handler
+    assert "exited with 130" in output  # DVC's report of the stage's exit code
+
+
+def test_sigkill_of_the_stage_records_nothing_and_a_rerun_matches(
+    baseline, uninterrupted, tmp_path
+):
+    """kill -9 of the stage's python only: no handler runs, DVC sees the stage die. The curves
+    written so far (a partial output) stay on disk but are not recorded."""
+    repo = _copy_repo(baseline, tmp_path / "repo")
+    _set_params(repo, LONG)
+
+    curves = repo / "dvclive/finetune/plots/metrics/train_loss.tsv"
+
+    def kill_stage(proc: subprocess.Popen) -> None:
+        # Epoch 1 is logged just before DVCLive writes its curves: wait for them, so that a
+        # partial output (the curves of the epochs so far) exists when the stage dies.
+        deadline = time.monotonic() + 60
+        while not curves.is_file() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        stage = _finetune_process(proc)
+        stage.kill()
+        stage.wait(timeout=30)
+        assert curves.is_file()
+
+    output = _interrupted_then_healed(repo, tmp_path / "repro.log", kill_stage, uninterrupted)
+    assert "interrupted" not in output  # SIGKILL cannot be handled
+    assert "exited with -9" in output or "exited with 137" in output, output[-3000:]
