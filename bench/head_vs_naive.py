@@ -1,0 +1,157 @@
+"""Cached features versus the usual loop, side by side in one process.
+
+The usual recipe (most tutorials) trains a new head by running the frozen backbone over every
+image in every epoch. headstart runs the backbone once (extract), then trains the head on the
+cached features. Same data, backbone, input size, head, optimiser, seed and epochs on both
+sides; the cached side includes its extraction. Prints both wall times, both test accuracies,
+and the ratios; the last line is the full-pipeline ratio.
+
+    python bench/head_vs_naive.py                      # built-in digits, 25 epochs
+    python bench/head_vs_naive.py --data data/raw --prepared data/prepared --epochs 25
+
+Needs a prepared index (run `dvc repro prepare` first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from headstart.backbones import BACKBONES, build_backbone
+from headstart.data import eval_transform, image_loader, load_prepared, resolve_image_size
+from headstart.model import Classifier, seed_everything, set_trainable, train_mode
+from headstart.params import load_params
+from headstart.train import fit, run_inference
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=Path("data/digits"))
+    parser.add_argument("--prepared", type=Path, default=Path("data/prepared"))
+    parser.add_argument("--epochs", type=int, default=25)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    params = load_params()
+    prepared = load_prepared(args.data, args.prepared)
+    spec = BACKBONES[params.backbone.name]
+    size = resolve_image_size(params.backbone.image_size, spec, prepared.report)
+    transform = eval_transform(size, spec.mean, spec.std)
+    device = torch.device("cpu")
+    head = params.head
+    fit_options = {
+        "epochs": args.epochs,
+        "patience": args.epochs,  # no early stop: both sides run every epoch
+        "label_smoothing": head.label_smoothing,
+        "device": device,
+    }
+
+    def images(split: str) -> DataLoader:
+        return image_loader(
+            args.data,
+            prepared.split(split),
+            prepared.class_to_index,
+            transform,
+            batch_size=params.compute.batch_size,
+            num_workers=params.compute.num_workers,
+        )
+
+    def new_head(width: int) -> nn.Linear:
+        seed_everything(head.seed)
+        return nn.Linear(width, len(prepared.classes))
+
+    backbone = build_backbone(params.backbone.name, params.backbone.weights)
+    print(
+        f"{len(prepared.rows)} images, {params.backbone.name} at {size} px, "
+        f"{args.epochs} epochs, {torch.get_num_threads()} threads"
+    )
+
+    # Cached: extract once, then train the head on feature vectors.
+    start = time.perf_counter()
+    features = {
+        s: run_inference(backbone, images(s), device, desc=f"extract {s}")
+        for s in ("train", "val", "test")
+    }
+    extract_s = time.perf_counter() - start
+
+    def tensors(split: str, shuffle: bool) -> DataLoader:
+        x, y = features[split]
+        generator = torch.Generator().manual_seed(head.seed)
+        return DataLoader(
+            TensorDataset(torch.from_numpy(x), torch.from_numpy(y)),
+            batch_size=head.batch_size,
+            shuffle=shuffle,
+            generator=generator,
+        )
+
+    start = time.perf_counter()
+    linear = new_head(backbone.num_features)
+    groups = [
+        {"params": list(linear.parameters()), "lr": head.lr, "weight_decay": head.weight_decay}
+    ]
+    fit(
+        linear,
+        tensors("train", True),
+        tensors("val", False),
+        groups,
+        desc="cached head",
+        **fit_options,
+    )
+    head_s = time.perf_counter() - start
+    with torch.inference_mode():
+        test_x, test_y = features["test"]
+        cached_accuracy = float(
+            (linear(torch.from_numpy(test_x)).argmax(1).numpy() == test_y).mean()
+        )
+
+    # Usual loop: the frozen backbone runs on every image in every epoch.
+    start = time.perf_counter()
+    model = Classifier(backbone, len(prepared.classes))
+    model.head = new_head(backbone.num_features)
+    frozen = set_trainable(model, 0)
+    groups = [
+        {"params": list(model.head.parameters()), "lr": head.lr, "weight_decay": head.weight_decay}
+    ]
+    train = image_loader(
+        args.data,
+        prepared.split("train"),
+        prepared.class_to_index,
+        transform,
+        batch_size=head.batch_size,
+        num_workers=params.compute.num_workers,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(head.seed),
+    )
+    fit(
+        model,
+        train,
+        images("val"),
+        groups,
+        train_mode=lambda m: train_mode(m, frozen, "frozen"),
+        desc="usual loop",
+        **fit_options,
+    )
+    logits, labels = run_inference(model, images("test"), device, desc="usual test")
+    naive_s = time.perf_counter() - start
+    naive_accuracy = float((logits.argmax(1) == labels).mean())
+
+    cached_s = extract_s + head_s
+    print(
+        f"cached: extract {extract_s:.1f} s + head {head_s:.1f} s = {cached_s:.1f} s, "
+        f"test accuracy {cached_accuracy:.4f}"
+    )
+    print(f"usual loop: {naive_s:.1f} s, test accuracy {naive_accuracy:.4f}")
+    print(f"accuracy_difference={cached_accuracy - naive_accuracy:+.4f}")
+    print(f"head_only_ratio={naive_s / head_s:.1f}  (a head.* experiment reuses the features)")
+    print(f"ratio={naive_s / cached_s:.1f}")
+
+
+if __name__ == "__main__":
+    np.set_printoptions(precision=4)
+    main()
