@@ -113,3 +113,10 @@ def test_shipped_lite0_file_matches_the_hash_in_its_name():
     path = backbones._lite_weights_file()
     assert backbones._hash_prefix(path.name) == "57934424"
     assert hashlib.sha256(path.read_bytes()).hexdigest().startswith("57934424")
+
+
+@pytest.mark.parametrize("name", sorted(backbones.BACKBONES))
+def test_registry_block_count_matches_the_built_network(name):
+    """params.yaml checks finetune.unfreeze against num_blocks before any stage builds a net."""
+    built = build_backbone(name, "none")
+    assert len(built.blocks) == backbones.BACKBONES[name].num_blocks

@@ -203,3 +203,14 @@ def test_yaml_is_read_as_dvc_reads_it(tmp_path, params_dict, write_params):
     params = load_params(path)
     seeds = [s.seed for s in (params.data, params.head, params.finetune) if s.seed == 12]
     assert seeds, "012 must read as 12, as DVC reads it"
+
+
+def test_unfreeze_beyond_the_backbone_fails_before_any_work(params_dict):
+    params_dict["backbone"]["name"] = "resnet18"  # 4 blocks
+    params_dict["finetune"]["unfreeze"] = 4
+    parse_params(params_dict)
+    params_dict["finetune"]["unfreeze"] = 5
+    with pytest.raises(
+        ParamsError, match=r"finetune.unfreeze: 5 is more blocks than resnet18 has \(4\)"
+    ):
+        parse_params(params_dict)

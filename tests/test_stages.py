@@ -224,3 +224,34 @@ def test_extract_is_byte_identical_across_runs(
         assert (tmp_path / "first" / name).read_bytes() == (
             tmp_path / "second" / name
         ).read_bytes(), name
+
+
+def test_class_list_changed_after_extract_is_refused(pipeline, tmp_path, monkeypatch, make_image):
+    """TESTPLAN row 22: a new class folder after features and head were made must not be
+    trained or scored with the stale head: finetune and evaluate stop naming the mismatch."""
+    import shutil
+
+    work = tmp_path / "work"
+    shutil.copytree(pipeline, work)
+    for index in range(6):
+        make_image(work / "images" / "zebra" / f"{index}.png", "dog", seed=500 + index)
+    monkeypatch.chdir(work)
+    load_stage("prepare").main(["images", "data/prepared", "metrics/data.json"])
+    with pytest.raises(ValueError, match=r"models/head.pt: trained for classes .*zebra"):
+        load_stage("finetune").main(
+            ["images", "data/prepared", "models/head.pt", "models/new.pt", "dvclive/finetune"]
+        )
+    assert not (work / "models" / "new.pt").exists()
+    with pytest.raises(ValueError, match="trained for classes"):
+        load_stage("evaluate").main(
+            [
+                "images",
+                "data/prepared",
+                "data/features",
+                "models/head.pt",
+                "models/finetuned.pt",
+                "metrics/evaluate.json",
+                "metrics/per_class.json",
+                "plots",
+            ]
+        )

@@ -74,6 +74,7 @@ class BackboneSpec:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     default_size: int  # the input size the weights were trained at
+    num_blocks: int  # len(Backbone.blocks): what finetune.unfreeze counts (checked by a test)
 
 
 # --------------------------------------------------------------------------------------------
@@ -236,20 +237,23 @@ def _build_convnext(name: str) -> Callable[[str], Backbone]:
     return build
 
 
-def _spec(name: str, build: Callable[[str], Backbone], size: int = 224) -> BackboneSpec:
-    return BackboneSpec(name, build, IMAGENET_MEAN, IMAGENET_STD, size)
+def _spec(name: str, build: Callable[[str], Backbone], num_blocks: int) -> BackboneSpec:
+    return BackboneSpec(name, build, IMAGENET_MEAN, IMAGENET_STD, 224, num_blocks)
 
 
 BACKBONES: dict[str, BackboneSpec] = {
     "efficientnet_lite0": BackboneSpec(
-        "efficientnet_lite0", _build_efficientnet_lite0, LITE_MEAN, LITE_STD, 224
+        "efficientnet_lite0", _build_efficientnet_lite0, LITE_MEAN, LITE_STD, 224, 8
     ),
-    **{n: _spec(n, _build_resnet(n)) for n in ("resnet18", "resnet34", "resnet50", "resnet101")},
-    **{
-        n: _spec(n, _build_features_family(n))
-        for n in ("mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0", "efficientnet_b1")
-    },
-    **{n: _spec(n, _build_convnext(n)) for n in ("convnext_tiny", "convnext_small")},
+    **{n: _spec(n, _build_resnet(n), 4) for n in ("resnet18", "resnet34", "resnet50", "resnet101")},
+    "mobilenet_v3_small": _spec(
+        "mobilenet_v3_small", _build_features_family("mobilenet_v3_small"), 6
+    ),
+    "mobilenet_v3_large": _spec(
+        "mobilenet_v3_large", _build_features_family("mobilenet_v3_large"), 7
+    ),
+    **{n: _spec(n, _build_features_family(n), 8) for n in ("efficientnet_b0", "efficientnet_b1")},
+    **{n: _spec(n, _build_convnext(n), 4) for n in ("convnext_tiny", "convnext_small")},
 }
 
 

@@ -214,7 +214,15 @@ def parse_params(raw: Any) -> Params:
     hints = typing.get_type_hints(Params)
     expected = [f.name for f in fields(Params)]
     _check_keys(raw, expected, "section", "")
-    return Params(**{k: _section(hints[k], raw[k], k) for k in expected})
+    params = Params(**{k: _section(hints[k], raw[k], k) for k in expected})
+    blocks = BACKBONES[params.backbone.name].num_blocks
+    _check(
+        params.finetune.unfreeze <= blocks,
+        "finetune.unfreeze",
+        f"{params.finetune.unfreeze} is more blocks than {params.backbone.name} has ({blocks}); "
+        f"use 0..{blocks}",
+    )
+    return params
 
 
 def _read_yaml(text: str) -> Any:
