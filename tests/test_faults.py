@@ -447,3 +447,23 @@ def test_extract_out_of_memory_exits_1_and_writes_no_features(head_trained, monk
     assert list(head_trained.glob(".again.*")) == []
     # The features of the earlier run are untouched.
     assert json.loads((head_trained / "data/features/meta.json").read_text())["classes"]
+
+
+def test_outputs_get_normal_permissions(tmp_path):
+    """Temporary files are created 0600 (files) and 0700 (folders); finished outputs must get
+    the usual umask-based modes, or a shared DVC cache or colleague cannot read them."""
+    import os
+    import stat
+
+    from headstart.io import atomic_dir, write_json
+
+    mask = os.umask(0o022)
+    try:
+        write_json(tmp_path / "m.json", {"a": 1})
+        with atomic_dir(tmp_path / "folder") as folder:
+            write_json(folder / "inner.json", {"b": 2})
+    finally:
+        os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "m.json").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "folder").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "folder" / "inner.json").stat().st_mode) == 0o644

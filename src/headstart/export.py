@@ -1,0 +1,118 @@
+"""Export a fine-tuned Classifier as TorchScript that runs without the headstart package.
+
+The exported module takes a batch already resized to `image_size` x `image_size`, RGB, laid
+out (B, 3, S, S), either uint8 in [0, 255] or float in [0, 1] (what torchvision's ToTensor
+gives), applies the checkpoint's normalisation inside and returns class probabilities
+(B, num_classes). A sidecar JSON says how to get there from an image file: the classes, the
+size, mean and std, and the resize (short side, bicubic) + centre crop that training used.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from headstart.model import Classifier
+
+log = logging.getLogger(__name__)
+
+EXPORT_FORMAT = 1
+
+
+class NormalisedClassifier(nn.Module):
+    """float (B, 3, S, S) in [0, 1] -> normalise -> Classifier -> softmax (B, num_classes)."""
+
+    def __init__(self, model: Classifier, mean, std):
+        super().__init__()
+        self.model = model
+        # (1, 3, 1, 1) so they broadcast over the batch and the pixels.
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        logits = self.model((images - self.mean) / self.std)  # (B, num_classes)
+        return torch.softmax(logits, dim=1)
+
+
+class AcceptUint8(nn.Module):
+    """Scripted outer layer: the dtype branch cannot be traced, so it lives here.
+
+    uint8 images are scaled to [0, 1]; float images are taken as already in [0, 1].
+    """
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dtype == torch.uint8:
+            images = images.to(torch.float32) / 255.0
+        else:
+            images = images.to(torch.float32)
+        return self.inner(images)
+
+
+def sidecar(meta: dict[str, Any]) -> dict[str, Any]:
+    """What a user of the TorchScript file needs, as plain JSON."""
+    size = int(meta["image_size"])
+    return {
+        "format": EXPORT_FORMAT,
+        "classes": list(meta["classes"]),
+        "backbone": meta["backbone"],
+        "image_size": size,
+        "mean": list(meta["mean"]),
+        "std": list(meta["std"]),
+        "preprocess": [
+            "decode to RGB (EXIF orientation applied, transparency composited on white)",
+            f"resize the short side to {size} px (bicubic, antialiased)",
+            f"centre-crop {size} x {size}",
+        ],
+        "input": {
+            "layout": "NCHW",
+            "shape": ["B", 3, size, size],
+            "channels": "RGB",
+            "dtype": "uint8 in [0, 255] or float32 in [0, 1]",
+            "normalisation": "applied inside the model: (x - mean) / std",
+        },
+        "output": {
+            "shape": ["B", len(meta["classes"])],
+            "meaning": "class probabilities (softmax), in the order of `classes`",
+        },
+    }
+
+
+def to_torchscript(model: Classifier, meta: dict[str, Any]) -> bytes:
+    """Trace the normalised classifier at the checkpoint's image size; return the file bytes."""
+    size = int(meta["image_size"])
+    inner = NormalisedClassifier(model, meta["mean"], meta["std"]).eval().cpu()
+    example = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        # "same" padding computed from the input shape becomes a constant: correct, because
+        # the exported model only ever sees image_size x image_size inputs.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        # Recent torch marks TorchScript deprecated; it is still the format that loads with
+        # nothing but torch (torch.export's files need the same torch version).
+        warnings.simplefilter("ignore", FutureWarning)
+        traced = torch.jit.trace(inner, example)
+        scripted = torch.jit.script(AcceptUint8(traced))
+        with torch.inference_mode():
+            expected = inner(example)
+            got = scripted(example)
+    difference = (expected - got).abs().max().item()
+    if difference > 1e-5:
+        raise ValueError(
+            f"TorchScript export differs from the model by {difference:.2e}; "
+            "this backbone does not trace faithfully"
+        )
+    log.info("traced %s at %d px; max difference %.1e", meta["backbone"], size, difference)
+    # Serialise to memory first, then the caller writes atomically.
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.save(scripted, buffer)
+    return buffer.getvalue()

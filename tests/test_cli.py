@@ -1,0 +1,259 @@
+"""The `headstart` command end to end on a tiny real checkpoint: predict, info, export."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from headstart.backbones import build_backbone
+from headstart.cli import main
+from headstart.data import ImageDataset, eval_transform
+from headstart.io import read_json, save_checkpoint
+from headstart.model import Classifier, load_classifier
+from headstart.train import run_inference
+
+CLASSES = ["bird", "cat", "dog"]
+IMAGE_SIZE = 32
+# Deliberately not the backbone's own normalisation: a CLI that re-specified preprocessing
+# instead of reading it from the checkpoint would give different probabilities.
+MEAN = [0.2, 0.4, 0.6]
+STD = [0.3, 0.2, 0.1]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A classifier checkpoint, metadata as finetune writes: the shipped (offline) pretrained
+    backbone and a random head. A randomly initialised backbone gives the same features for
+    every image, which would make every comparison below pass trivially."""
+    torch.manual_seed(0)
+    model = Classifier(build_backbone("efficientnet_lite0", "pretrained"), len(CLASSES))
+    with torch.no_grad():
+        model.head.weight.mul_(5.0)  # spread the probabilities so comparisons mean something
+    path = tmp_path_factory.mktemp("model") / "finetuned.pt"
+    save_checkpoint(
+        path,
+        model.state_dict(),
+        {
+            "kind": "classifier",
+            "backbone": "efficientnet_lite0",
+            "num_features": model.backbone.num_features,
+            "image_size": IMAGE_SIZE,
+            "mean": MEAN,
+            "std": STD,
+            "classes": CLASSES,
+            "params": {"backbone": {"name": "efficientnet_lite0"}, "finetune": {"unfreeze": 1}},
+            "summary": {"best_epoch": 1, "val_accuracy": 0.5},
+        },
+    )
+    return path
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def reference_probabilities(checkpoint: Path, root: Path, paths: list[str]) -> np.ndarray:
+    """(N, num_classes) softmax of run_inference logits through the checkpoint's transform."""
+    model, meta = load_classifier(checkpoint)
+    transform = eval_transform(meta["image_size"], meta["mean"], meta["std"])
+    loader = torch.utils.data.DataLoader(
+        ImageDataset(root, paths, [0] * len(paths), transform), batch_size=8
+    )
+    logits, _ = run_inference(model, loader, torch.device("cpu"))
+    return torch.softmax(torch.from_numpy(logits), dim=1).numpy()
+
+
+def test_predict_images_and_folder_json(checkpoint, image_folder, capsys):
+    single = [image_folder / "cat" / "cat_00.png", image_folder / "dog" / "dog_01.jpg"]
+    code, out, _ = run_cli(capsys, "predict", checkpoint, *single, "--format", "json", "--top-k", 3)
+    assert code == 0
+    results = json.loads(out)
+    assert [r["path"] for r in results] == [str(p) for p in single]
+    for result in results:
+        assert result["error"] is None
+        probabilities = [p["probability"] for p in result["predictions"]]
+        assert sorted(p["class"] for p in result["predictions"]) == CLASSES
+        assert sum(probabilities) == pytest.approx(1.0, abs=1e-5)
+        assert probabilities == sorted(probabilities, reverse=True)
+
+    code, out, _ = run_cli(capsys, "predict", checkpoint, image_folder, "--format", "json")
+    assert code == 0
+    results = json.loads(out)
+    expected = sorted(str(p) for p in image_folder.rglob("*") if p.is_file())
+    assert [r["path"] for r in results] == expected  # one per image, recursive, sorted
+    assert all(len(r["predictions"]) == 1 for r in results)  # default top-1
+    assert all(0.0 < r["predictions"][0]["probability"] <= 1.0 for r in results)
+
+
+def test_predictions_match_run_inference(checkpoint, image_folder, capsys):
+    paths = sorted(p.relative_to(image_folder).as_posix() for p in image_folder.rglob("*.*"))
+    code, out, _ = run_cli(
+        capsys, "predict", checkpoint, image_folder, "--format", "json", "--top-k", 10
+    )
+    assert code == 0
+    got = np.array(
+        [
+            [{p["class"]: p["probability"] for p in r["predictions"]}[c] for c in CLASSES]
+            for r in json.loads(out)
+        ]
+    )
+    expected = reference_probabilities(checkpoint, image_folder, paths)
+    # Not degenerate: probabilities differ between images and are far from uniform.
+    assert expected.std(0).max() > 0.05 and expected.max() > 0.6
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
+def test_csv_and_table_shapes(checkpoint, image_folder, capsys):
+    image = image_folder / "bird" / "bird_02.png"
+    code, out, _ = run_cli(capsys, "predict", checkpoint, image, "--format", "csv", "--top-k", 2)
+    assert code == 0
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert list(rows[0]) == ["path", "rank", "class", "probability", "error"]
+    assert [(r["path"], r["rank"], r["error"]) for r in rows] == [
+        (str(image), "1", ""),
+        (str(image), "2", ""),
+    ]
+    assert float(rows[0]["probability"]) >= float(rows[1]["probability"])
+    assert {r["class"] for r in rows} <= set(CLASSES)
+
+    code, out, _ = run_cli(capsys, "predict", checkpoint, image, "--top-k", 2)
+    lines = out.splitlines()
+    assert code == 0 and len(lines) == 2 and lines[1].startswith(str(image))
+    assert lines[1].count("(") == 2
+
+
+def test_bad_files_are_reported_and_the_rest_predicted(checkpoint, image_folder, capsys, caplog):
+    good = image_folder / "cat" / "cat_00.png"
+    (image_folder / "cat" / "broken.png").write_bytes(good.read_bytes()[:120])
+    (image_folder / "cat" / "notes.txt").write_text("not an image\n")
+    (image_folder / "cat" / ".hidden.png").write_bytes(good.read_bytes())
+    code, out, _ = run_cli(capsys, "predict", checkpoint, image_folder, "--format", "json")
+    assert code == 1
+    results = {Path(r["path"]).name: r for r in json.loads(out)}
+    assert len(results) == 36 + 2  # hidden file skipped
+    assert results["broken.png"]["error"]["reason"] == "truncated"
+    assert results["notes.txt"]["error"]["reason"] == "not_image"
+    assert results["broken.png"]["predictions"] == []
+    others = [r for name, r in results.items() if name not in ("broken.png", "notes.txt")]
+    assert len(others) == 36 and all(r["error"] is None and r["predictions"] for r in others)
+    assert "broken.png: truncated" in caplog.text  # logged (stderr) as well as in the output
+
+    code, out, _ = run_cli(capsys, "predict", checkpoint, image_folder, "--format", "csv")
+    rows = list(csv.DictReader(io.StringIO(out)))
+    broken = [r for r in rows if r["path"].endswith("broken.png")]
+    assert code == 1 and len(broken) == 1 and broken[0]["error"].startswith("truncated: ")
+    assert broken[0]["class"] == ""
+
+    missing = image_folder / "nope.png"
+    code, out, _ = run_cli(capsys, "predict", checkpoint, good, missing, "--format", "json")
+    assert code == 1
+    assert [r["error"] and r["error"]["reason"] for r in json.loads(out)] == [None, "not_found"]
+
+
+def test_usage_errors_exit_2(checkpoint, image_folder, tmp_path, capsys):
+    missing = tmp_path / "no_such_model.pt"
+    code, out, err = run_cli(capsys, "predict", missing, image_folder)
+    assert code == 2 and out == ""
+    assert str(missing) in err and len(err.strip().splitlines()) == 1
+
+    not_a_checkpoint = tmp_path / "junk.pt"
+    not_a_checkpoint.write_bytes(b"junk")
+    code, _, err = run_cli(capsys, "info", not_a_checkpoint)
+    assert code == 2 and str(not_a_checkpoint) in err
+
+    code, _, _ = run_cli(capsys, "predict", checkpoint, image_folder, "--top-k", 0)
+    assert code == 2
+    code, _, _ = run_cli(capsys, "predict", checkpoint)  # no inputs: argparse's usage error
+    assert code == 2
+
+
+def test_info_json(checkpoint, capsys):
+    code, out, _ = run_cli(capsys, "info", checkpoint, "--format", "json")
+    assert code == 0
+    info = json.loads(out)
+    assert info["classes"] == CLASSES and info["backbone"] == "efficientnet_lite0"
+    assert info["image_size"] == IMAGE_SIZE and info["mean"] == MEAN and info["std"] == STD
+    assert info["sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    model, _ = load_classifier(checkpoint)
+    assert info["num_parameters"] == sum(p.numel() for p in model.parameters())
+    assert info["summary"]["best_epoch"] == 1 and info["params"]["finetune"]["unfreeze"] == 1
+
+    code, out, _ = run_cli(capsys, "info", checkpoint)
+    assert code == 0 and "backbone: efficientnet_lite0" in out and "bird, cat, dog" in out
+
+
+# Runs in a fresh interpreter: only torch, numpy, PIL and json; the sidecar drives the resize.
+FRESH_PROCESS = r"""
+import json, sys
+import numpy as np
+import torch
+from PIL import Image
+
+exported, sidecar, *images = sys.argv[1:]
+spec = json.load(open(sidecar))
+size = spec["image_size"]
+batch = []
+for path in images:
+    image = Image.open(path).convert("RGB")
+    width, height = image.size
+    scale = size / min(width, height)  # short side to `size`, as torchvision's Resize
+    new = (size, int(height * scale)) if width <= height else (int(width * scale), size)
+    image = image.resize(new, Image.BICUBIC)
+    left, top = round((new[0] - size) / 2.0), round((new[1] - size) / 2.0)
+    image = image.crop((left, top, left + size, top + size))
+    batch.append(np.asarray(image).transpose(2, 0, 1))  # (3, S, S) uint8
+uint8 = torch.from_numpy(np.stack(batch))  # (B, 3, S, S)
+model = torch.jit.load(exported)
+with torch.inference_mode():
+    from_uint8 = model(uint8)
+    from_float = model(uint8.float() / 255.0)
+assert "headstart" not in sys.modules, "the export must load without headstart"
+print(json.dumps({"uint8": from_uint8.tolist(), "float": from_float.tolist()}))
+"""
+
+
+def test_export_torchscript_runs_without_headstart(checkpoint, image_folder, tmp_path, capsys):
+    out = tmp_path / "export" / "model.ts.pt"
+    code, _, _ = run_cli(capsys, "export", checkpoint, out, "--format", "torchscript")
+    assert code == 0
+    spec = read_json(out.with_suffix(".json"))
+    assert spec["classes"] == CLASSES and spec["image_size"] == IMAGE_SIZE
+    assert spec["mean"] == MEAN and spec["std"] == STD and spec["input"]["layout"] == "NCHW"
+    assert spec["model_sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
+
+    # Portrait, landscape and square; RGB and greyscale; PNG and JPEG.
+    paths = ["cat/cat_01.jpg", "dog/dog_02.png", "bird/bird_04.png", "bird/bird_05.jpg"]
+    result = subprocess.run(
+        [sys.executable, "-c", FRESH_PROCESS, str(out), str(out.with_suffix(".json"))]
+        + [str(image_folder / p) for p in paths],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    fresh = json.loads(result.stdout)
+    expected = reference_probabilities(checkpoint, image_folder, paths)
+    for key in ("uint8", "float"):
+        assert np.abs(np.array(fresh[key]) - expected).max() < 1e-4, key
+
+
+def test_console_script_help():
+    script = Path(sys.executable).parent / "headstart"
+    assert script.is_file(), "reinstall the package: pip install -e . (adds the headstart script)"
+    result = subprocess.run(
+        [str(script), "--help"], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert all(command in result.stdout for command in ("predict", "info", "export"))
