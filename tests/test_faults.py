@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_stages import load_stage
+from test_stages import load_stage, run_stages
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -414,11 +414,7 @@ def head_trained(tmp_path_factory, image_folder_factory, params_factory, write_p
     work = tmp_path_factory.mktemp("oom")
     image_folder_factory(work / "images")
     write_params(work, params_factory())
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(work)
-        load_stage("prepare").main(["images", "data/prepared", "metrics/data.json"])
-        load_stage("extract").main(["images", "data/prepared", "data/features"])
-        load_stage("train_head").main(["data/features", "models/head.pt", "dvclive/train_head"])
+    run_stages(work, ["prepare", "extract", "train_head"])
     return work
 
 

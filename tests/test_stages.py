@@ -40,32 +40,46 @@ def _read_json(path: Path):
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+# Each stage's argv, as its cmd in dvc.yaml passes it (data.dir is "images" here).
+STAGE_ARGV = {
+    "prepare": ["images", "data/prepared", "metrics/data.json"],
+    "extract": ["images", "data/prepared", "data/features"],
+    "train_head": ["data/features", "models/head.pt", "dvclive/train_head"],
+    "finetune": [
+        "images",
+        "data/prepared",
+        "models/head.pt",
+        "models/finetuned.pt",
+        "dvclive/finetune",
+    ],
+    "evaluate": [
+        "images",
+        "data/prepared",
+        "data/features",
+        "models/head.pt",
+        "models/finetuned.pt",
+        "metrics/evaluate.json",
+        "metrics/per_class.json",
+        "plots",
+    ],
+}
+
+
+def run_stages(work: Path, names: list[str]) -> None:
+    """Run the named stages' main(argv) in order, in `work`, as `dvc repro` would."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(work)
+        for name in names:
+            load_stage(name).main(STAGE_ARGV[name])
+
+
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory, image_folder_factory, params_factory, write_params) -> Path:
     """Run prepare -> extract -> train_head -> finetune -> evaluate once in a fresh folder."""
     work = tmp_path_factory.mktemp("pipeline")
     image_folder_factory(work / "images")
     write_params(work, params_factory())
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(work)
-        load_stage("prepare").main(["images", "data/prepared", "metrics/data.json"])
-        load_stage("extract").main(["images", "data/prepared", "data/features"])
-        load_stage("train_head").main(["data/features", "models/head.pt", "dvclive/train_head"])
-        load_stage("finetune").main(
-            ["images", "data/prepared", "models/head.pt", "models/finetuned.pt", "dvclive/finetune"]
-        )
-        load_stage("evaluate").main(
-            [
-                "images",
-                "data/prepared",
-                "data/features",
-                "models/head.pt",
-                "models/finetuned.pt",
-                "metrics/evaluate.json",
-                "metrics/per_class.json",
-                "plots",
-            ]
-        )
+    run_stages(work, list(STAGE_ARGV))
     return work
 
 
@@ -243,15 +257,4 @@ def test_class_list_changed_after_extract_is_refused(pipeline, tmp_path, monkeyp
         )
     assert not (work / "models" / "new.pt").exists()
     with pytest.raises(ValueError, match="trained for classes"):
-        load_stage("evaluate").main(
-            [
-                "images",
-                "data/prepared",
-                "data/features",
-                "models/head.pt",
-                "models/finetuned.pt",
-                "metrics/evaluate.json",
-                "metrics/per_class.json",
-                "plots",
-            ]
-        )
+        load_stage("evaluate").main(STAGE_ARGV["evaluate"])
