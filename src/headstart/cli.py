@@ -63,10 +63,7 @@ class Prediction:
 
 def list_inputs(arguments: list[Path]) -> list[Path]:
     """Files as given; folders walked recursively in sorted order, hidden files skipped."""
-    from headstart.data import SYSTEM_NAMES
-
-    def hidden(name: str) -> bool:
-        return name.startswith(".") or name in SYSTEM_NAMES
+    from headstart.data import is_hidden
 
     paths: list[Path] = []
     for argument in arguments:
@@ -74,8 +71,8 @@ def list_inputs(arguments: list[Path]) -> list[Path]:
             paths.append(argument)  # a missing file is reported as not_found, per file
             continue
         for dirpath, dirnames, filenames in os.walk(argument):
-            dirnames[:] = sorted(d for d in dirnames if not hidden(d))
-            paths.extend(Path(dirpath) / name for name in sorted(filenames) if not hidden(name))
+            dirnames[:] = sorted(d for d in dirnames if not is_hidden(d))
+            paths.extend(Path(dirpath) / name for name in sorted(filenames) if not is_hidden(name))
     return paths
 
 
@@ -90,7 +87,6 @@ class _InputDataset:
         return len(self.paths)
 
     def __getitem__(self, index: int):
-        from headstart.data import IMAGE_EXTENSIONS
         from headstart.images import UnusableImage, decode_image
 
         path = self.paths[index]
@@ -99,10 +95,7 @@ class _InputDataset:
         try:
             image = decode_image(path).image
         except UnusableImage as error:
-            reason = error.reason
-            if reason == "unreadable" and path.suffix.lower() not in IMAGE_EXTENSIONS:
-                reason = "not_image"  # as prepare reports it
-            return index, None, reason, error.detail
+            return index, None, error.reason, error.detail
         return index, self.transform(image), None, ""
 
 

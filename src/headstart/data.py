@@ -25,24 +25,6 @@ from headstart.images import UnusableImage, decode_image, load_rgb
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = frozenset(
-    {
-        ".jpg",
-        ".jpeg",
-        ".jfif",
-        ".png",
-        ".bmp",
-        ".gif",
-        ".webp",
-        ".tif",
-        ".tiff",
-        ".ppm",
-        ".pgm",
-        ".pbm",
-        ".pnm",
-        ".ico",
-    }
-)
 # Never classes, never samples: OS and tool droppings (plus every name starting with a dot).
 SYSTEM_NAMES = frozenset({"Thumbs.db", "desktop.ini", "__MACOSX"})
 SPLITS = ("train", "val", "test")
@@ -92,7 +74,8 @@ class FolderIndex:
     exif_errors: int = 0  # unreadable EXIF orientation (used as stored)
 
 
-def _is_hidden(name: str) -> bool:
+def is_hidden(name: str) -> bool:
+    """Hidden or system entries: never classes, never samples."""
     return name.startswith(".") or name in SYSTEM_NAMES
 
 
@@ -147,7 +130,7 @@ class _Walker:
     def _walk(self, folder, label, given_split, via_link: bool, active: set[str]) -> None:
         for entry in sorted(os.scandir(folder), key=lambda e: e.name):
             path = Path(entry.path)
-            if _is_hidden(entry.name):
+            if is_hidden(entry.name):
                 self.skip_tree(path, "hidden")
                 continue
             is_link = entry.is_symlink()
@@ -184,14 +167,14 @@ def index_image_folder(root: Path) -> FolderIndex:
         )
     walker = _Walker(root)
     top = sorted(os.scandir(root), key=lambda e: e.name)
-    folders = {e.name for e in top if e.is_dir() and not e.is_symlink() and not _is_hidden(e.name)}
+    folders = {e.name for e in top if e.is_dir() and not e.is_symlink() and not is_hidden(e.name)}
     presplit = "train" in folders and folders <= set(SPLITS)
     class_folders: list[tuple[Path, str | None]] = []
 
     def add_folder_entries(entries, given_split: str | None) -> None:
         for entry in entries:
             path = Path(entry.path)
-            if _is_hidden(entry.name):
+            if is_hidden(entry.name):
                 walker.skip_tree(path, "hidden")
             elif entry.is_symlink():
                 # A class is a real folder: a link here would name a second class for the
@@ -230,10 +213,7 @@ def index_image_folder(root: Path) -> FolderIndex:
         try:
             decoded = decode_image(candidate.path)
         except UnusableImage as error:
-            reason = error.reason
-            if reason == "unreadable" and candidate.path.suffix.lower() not in IMAGE_EXTENSIONS:
-                reason = "not_image"
-            index.skipped.append(Skipped(candidate.relative, reason, error.detail))
+            index.skipped.append(Skipped(candidate.relative, error.reason, error.detail))
             continue
         index.modes[decoded.mode] += 1
         index.multi_frame += decoded.frames > 1

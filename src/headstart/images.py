@@ -20,6 +20,27 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 log = logging.getLogger(__name__)
 
 
+# Extensions that promise an image: an undecodable file with another one is `not_image`.
+IMAGE_EXTENSIONS = frozenset(
+    {
+        ".jpg",
+        ".jpeg",
+        ".jfif",
+        ".png",
+        ".bmp",
+        ".gif",
+        ".webp",
+        ".tif",
+        ".tiff",
+        ".ppm",
+        ".pgm",
+        ".pbm",
+        ".pnm",
+        ".ico",
+    }
+)
+
+
 class UnusableImage(Exception):
     """An image file that cannot be used; `reason` is a short code for the data report."""
 
@@ -44,6 +65,10 @@ def decode_image(path: Path) -> Decoded:
     allow_truncated, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
     try:
         return _decode(path)
+    except UnusableImage as error:
+        if error.reason == "unreadable" and path.suffix.lower() not in IMAGE_EXTENSIONS:
+            raise UnusableImage("not_image", error.detail) from error
+        raise
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = allow_truncated
 
