@@ -27,6 +27,9 @@ def _env(repo: Path) -> dict[str, str]:
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONPATH"] = str(repo / "src")  # the copied library, the one dvc.yaml depends on
     env["DVC_NO_ANALYTICS"] = "1"
+    # DVC runs each stage's cmd with $SHELL -c, or /bin/sh when SHELL is unset (as in CI).
+    # Pin it so these tests see what CI sees, whatever shell the developer runs.
+    env["SHELL"] = "/bin/sh"
     env.update(
         GIT_AUTHOR_NAME="test",
         GIT_AUTHOR_EMAIL="test@example.com",
