@@ -1,11 +1,12 @@
 """Stage evaluate: test metrics and plots for the head alone and for the fine-tuned model.
 
     python stages/evaluate.py DATA_DIR PREPARED_DIR FEATURES_DIR HEAD_MODEL FINETUNED_MODEL \
-        METRICS PER_CLASS PLOTS_DIR
+        METRICS PER_CLASS ENVIRONMENT PLOTS_DIR
 
 The head is scored on the cached test features, the fine-tuned model on the test images.
 METRICS: {"head": {"accuracy", "macro_f1"}, "finetuned": {...}}; PER_CLASS: precision, recall,
-F1 and support per class for both; PLOTS_DIR/confusion_{head,finetuned}.json: one record per
+F1 and support per class for both; ENVIRONMENT: the software and machine each stage ran
+with (headstart.environment); PLOTS_DIR/confusion_{head,finetuned}.json: one record per
 test image for DVC's confusion template. Reads params: compute.
 """
 
@@ -16,7 +17,8 @@ from pathlib import Path
 import torch
 
 from headstart.data import eval_transform, image_loader, load_prepared
-from headstart.io import read_array, write_json
+from headstart.environment import describe
+from headstart.io import read_array, read_json, write_json
 from headstart.metrics import classification_report, confusion_records
 from headstart.model import load_classifier, load_head, resolve_device
 from headstart.params import load_params
@@ -36,6 +38,7 @@ def main(argv: list[str] | None = None) -> None:
         "finetuned_model",
         "metrics",
         "per_class",
+        "environment",
         "plots_dir",
     ):
         parser.add_argument(name, type=Path)
@@ -91,6 +94,16 @@ def main(argv: list[str] | None = None) -> None:
             for name, r in reports.items()
         }
         | {"test_images": int(len(test_y))},
+    )
+    # Which machine and software computed each step of this result (see headstart.environment).
+    write_json(
+        args.environment,
+        {
+            "extract": read_json(args.features_dir / "meta.json").get("environment"),
+            "train_head": head_meta.get("environment"),
+            "finetune": meta.get("environment"),
+            "evaluate": describe(device),
+        },
     )
     write_json(args.per_class, {name: r["per_class"] for name, r in reports.items()})
     write_json(

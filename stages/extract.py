@@ -14,6 +14,7 @@ from pathlib import Path
 
 from headstart.backbones import BACKBONES, build_backbone
 from headstart.data import SPLITS, eval_transform, image_loader, load_prepared, resolve_image_size
+from headstart.environment import describe
 from headstart.io import atomic_dir, write_array, write_json
 from headstart.model import resolve_device
 from headstart.params import as_dict, load_params
@@ -67,6 +68,7 @@ def main(argv: list[str] | None = None) -> None:
                 "std": list(spec.std),
                 "num_features": backbone.num_features,
                 "classes": prepared.classes,
+                "environment": describe(device),
             },
         )
 

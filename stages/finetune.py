@@ -16,6 +16,7 @@ from dvclive import Live
 
 from headstart.backbones import build_backbone
 from headstart.data import eval_transform, image_loader, load_prepared, train_transform
+from headstart.environment import describe
 from headstart.io import load_checkpoint, save_checkpoint
 from headstart.model import (
     Classifier,
@@ -75,6 +76,7 @@ def main(argv: list[str] | None = None) -> None:
         **loader_options,
     )
 
+    device = resolve_device(params.compute.device)
     with Live(str(args.live_dir), save_dvc_exp=False, dvcyaml=None) as live:
         on_epoch = live_logger(live)
 
@@ -86,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
             epochs=ft.epochs,
             patience=ft.patience,
             label_smoothing=ft.label_smoothing,
-            device=resolve_device(params.compute.device),
+            device=device,
             train_mode=lambda m: train_mode(m, frozen, ft.bn),
             on_epoch=on_epoch,
             desc="finetune",
@@ -109,6 +111,7 @@ def main(argv: list[str] | None = None) -> None:
             "classes": prepared.classes,
             "params": {"backbone": as_dict(params.backbone), "finetune": as_dict(ft)},
             "summary": {"best_epoch": result.best_epoch, "val_accuracy": result.best_val_accuracy},
+            "environment": describe(device),
         },
     )
     log.info("fine-tuned model saved to %s", args.finetuned_model)

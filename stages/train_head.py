@@ -17,6 +17,7 @@ from dvclive import Live
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from headstart.environment import describe
 from headstart.io import read_array, read_json, save_checkpoint
 from headstart.model import seed_everything
 from headstart.params import as_dict, load_params
@@ -97,6 +98,7 @@ def main(argv: list[str] | None = None) -> None:
             "features_meta": meta,
             "params": as_dict(params),
             "summary": summary,
+            "environment": describe("cpu"),
         },
     )
     log.info("head saved to %s (%s)", args.head_model, summary)

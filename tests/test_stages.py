@@ -7,8 +7,10 @@ in the working directory, as under `dvc repro`.
 from __future__ import annotations
 
 import csv
+import importlib.metadata
 import importlib.util
 import json
+import platform
 from collections import Counter
 from pathlib import Path
 from types import ModuleType
@@ -60,6 +62,7 @@ STAGE_ARGV = {
         "models/finetuned.pt",
         "metrics/evaluate.json",
         "metrics/per_class.json",
+        "metrics/environment.json",
         "plots",
     ],
 }
@@ -96,6 +99,7 @@ EXPECTED_OUTPUTS = [
     "dvclive/finetune/metrics.json",
     "metrics/evaluate.json",
     "metrics/per_class.json",
+    "metrics/environment.json",
     "plots/confusion_head.json",
     "plots/confusion_finetuned.json",
 ]
@@ -184,6 +188,22 @@ def test_evaluate_outputs(pipeline):
         assert {r["predicted"] for r in records} <= {"bird", "cat", "dog"}
         correct = sum(r["actual"] == r["predicted"] for r in records)
         assert metrics[model]["accuracy"] == pytest.approx(correct / num_test, abs=1e-6)
+
+
+def test_environment_is_recorded_for_every_computing_stage(pipeline):
+    """Which software and machine produced the features, the models and the metrics."""
+    environment = _read_json(pipeline / "metrics/environment.json")
+    assert sorted(environment) == ["evaluate", "extract", "finetune", "train_head"]
+    for stage, record in environment.items():
+        assert record["packages"]["torch"] == importlib.metadata.version("torch"), stage
+        assert record["python"] == platform.python_version(), stage
+        assert record["device"] == "cpu", stage
+        assert record["torch_threads"] >= 1, stage
+        assert record["cpu"], stage
+    # The same record travels inside the features' meta and each checkpoint.
+    assert _read_json(pipeline / "data/features/meta.json")["environment"] == environment["extract"]
+    _, finetune_meta = load_classifier(pipeline / "models/finetuned.pt")
+    assert finetune_meta["environment"] == environment["finetune"]
 
 
 def test_train_head_logreg(pipeline, tmp_path, monkeypatch, params_dict, write_params):
