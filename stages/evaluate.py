@@ -20,7 +20,7 @@ from headstart.data import eval_transform, image_loader, load_prepared
 from headstart.environment import describe
 from headstart.io import read_array, read_json, write_json
 from headstart.metrics import classification_report, confusion_records
-from headstart.model import load_classifier, load_head, resolve_device
+from headstart.model import load_classifier, load_head, resolve_device, set_threads
 from headstart.params import load_params
 from headstart.stage import run
 from headstart.train import run_inference
@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.add_argument(name, type=Path)
     args = parser.parse_args(argv)
     compute = load_params().compute
-    device = resolve_device(compute.device)
+    set_threads(compute.threads)
+    device = resolve_device(compute.device)  # float32, whatever compute.precision: as predict
 
     prepared = load_prepared(args.data_dir, args.prepared_dir)
     classes = prepared.classes

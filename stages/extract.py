@@ -4,8 +4,8 @@
 
 Writes FEATURES_DIR/{train,val,test}_features.npy (N, D) float32 pooled pre-logits features,
 FEATURES_DIR/{split}_labels.npy (N,) int64 class indices, and FEATURES_DIR/meta.json (backbone,
-input size, preprocessing, classes). Eval mode, inference mode, no augmentation.
-Reads params: backbone, compute.
+input size, preprocessing, classes, environment). Eval mode, inference mode, no augmentation;
+autocast at compute.precision, features stored as float32. Reads params: backbone, compute.
 """
 
 import argparse
@@ -16,7 +16,7 @@ from headstart.backbones import BACKBONES, build_backbone
 from headstart.data import SPLITS, eval_transform, image_loader, load_prepared, resolve_image_size
 from headstart.environment import describe
 from headstart.io import atomic_dir, write_array, write_json
-from headstart.model import resolve_device
+from headstart.model import precision_name, resolve_device, resolve_precision, set_threads
 from headstart.params import as_dict, load_params
 from headstart.stage import run
 from headstart.train import run_inference
@@ -36,9 +36,18 @@ def main(argv: list[str] | None = None) -> None:
     spec = BACKBONES[params.backbone.name]
     size = resolve_image_size(params.backbone.image_size, spec, prepared.report)
     backbone = build_backbone(params.backbone.name, params.backbone.weights)
+    set_threads(params.compute.threads)
     device = resolve_device(params.compute.device)
+    precision = resolve_precision(params.compute.precision, device)
     transform = eval_transform(size, spec.mean, spec.std)
-    log.info("extracting %d images at %dx%d px on %s", len(prepared.rows), size, size, device)
+    log.info(
+        "extracting %d images at %dx%d px on %s (%s)",
+        len(prepared.rows),
+        size,
+        size,
+        device,
+        precision_name(precision),
+    )
 
     with atomic_dir(args.features_dir) as out:
         for split in SPLITS:
@@ -56,6 +65,7 @@ def main(argv: list[str] | None = None) -> None:
                 device,
                 desc=f"extract {split}",
                 batch_size_key="compute.batch_size",
+                precision=precision,
             )
             write_array(out / f"{split}_features.npy", features)  # (N, D) float32
             write_array(out / f"{split}_labels.npy", labels)  # (N,) int64
@@ -68,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
                 "std": list(spec.std),
                 "num_features": backbone.num_features,
                 "classes": prepared.classes,
-                "environment": describe(device),
+                "environment": describe(device, precision),
             },
         )
 

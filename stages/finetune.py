@@ -5,7 +5,8 @@
 Linear probe, then fine-tune (LP-FT): the head starts from train_head's weights, the top
 `finetune.unfreeze` blocks train at `lr_backbone` (smaller than the head's), the rest stays
 frozen in eval mode; with `bn: frozen` every BatchNorm keeps its pretrained statistics. Early
-stopping on val accuracy; the best epoch is kept. Reads params: backbone, compute, finetune.
+stopping on val accuracy; the best epoch is kept. Autocast at compute.precision, weights kept
+in float32. Reads params: backbone, compute (all but batch_size), finetune.
 """
 
 import argparse
@@ -21,8 +22,11 @@ from headstart.io import load_checkpoint, save_checkpoint
 from headstart.model import (
     Classifier,
     param_groups,
+    precision_name,
     resolve_device,
+    resolve_precision,
     seed_everything,
+    set_threads,
     set_trainable,
     train_mode,
 )
@@ -49,6 +53,10 @@ def main(argv: list[str] | None = None) -> None:
             f"{args.head_model}: trained for classes {head_meta['classes']}, but the prepared "
             f"data has {prepared.classes}; rerun extract and train_head (dvc repro)"
         )
+    set_threads(params.compute.threads)
+    device = resolve_device(params.compute.device)
+    precision = resolve_precision(params.compute.precision, device)
+    log.info("fine-tuning on %s (%s)", device, precision_name(precision))
     generator = seed_everything(ft.seed)
     model = Classifier(
         build_backbone(params.backbone.name, params.backbone.weights), len(prepared.classes)
@@ -76,7 +84,6 @@ def main(argv: list[str] | None = None) -> None:
         **loader_options,
     )
 
-    device = resolve_device(params.compute.device)
     with Live(str(args.live_dir), save_dvc_exp=False, dvcyaml=None) as live:
         on_epoch = live_logger(live)
 
@@ -93,6 +100,7 @@ def main(argv: list[str] | None = None) -> None:
             on_epoch=on_epoch,
             desc="finetune",
             batch_size_key="finetune.batch_size",
+            precision=precision,
         )
         live.summary.update(
             {"best_epoch": result.best_epoch, "best_val_accuracy": result.best_val_accuracy}
@@ -111,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
             "classes": prepared.classes,
             "params": {"backbone": as_dict(params.backbone), "finetune": as_dict(ft)},
             "summary": {"best_epoch": result.best_epoch, "val_accuracy": result.best_val_accuracy},
-            "environment": describe(device),
+            "environment": describe(device, precision),
         },
     )
     log.info("fine-tuned model saved to %s", args.finetuned_model)

@@ -15,9 +15,12 @@ from headstart.backbones import build_backbone, load_state_dict_file
 from headstart.io import atomic_path, load_checkpoint, save_checkpoint, write_json
 from headstart.model import (
     Classifier,
+    cpu_has_native_bf16,
     load_classifier,
     load_head,
     param_groups,
+    resolve_precision,
+    set_threads,
     set_trainable,
     train_mode,
 )
@@ -484,3 +487,50 @@ def test_checkpoint_bytes_do_not_depend_on_the_file_name(tmp_path):
     save_checkpoint(first, head.state_dict(), {"kind": "head", "classes": ["x", "y", "z"]})
     save_checkpoint(second, head.state_dict(), {"kind": "head", "classes": ["x", "y", "z"]})
     assert first.read_bytes() == second.read_bytes()
+
+
+def test_precision_resolution():
+    assert resolve_precision("float32", CPU) is None
+    assert resolve_precision("bfloat16", CPU) is torch.bfloat16
+    assert resolve_precision("float16", CPU) is torch.float16
+    # auto: bfloat16 on CPUs with native support, float32 on the others.
+    assert resolve_precision("auto", CPU) is (torch.bfloat16 if cpu_has_native_bf16() else None)
+
+
+def test_set_threads():
+    before = torch.get_num_threads()
+    try:
+        set_threads(1)
+        assert torch.get_num_threads() == 1
+        set_threads("auto")  # leaves the count alone
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_bfloat16_autocast_trains_and_keeps_float32_weights():
+    """The fast path: a conv net trained and run under bfloat16 autocast, channels-last.
+    Weights stay float32; outputs come back float32 and close to a float32 run."""
+    torch.manual_seed(0)
+    model = Classifier(build_backbone("resnet18", "none"), NUM_CLASSES)
+    set_trainable(model, 1)
+    images = torch.randn(16, 3, 32, 32)
+    labels = torch.arange(16) % NUM_CLASSES
+    batches = DataLoader(TensorDataset(images, labels), batch_size=8)
+    reference, _ = run_inference(model, batches, CPU)
+    fast, _ = run_inference(model, batches, CPU, precision=torch.bfloat16)
+    assert fast.dtype == np.float32
+    assert np.abs(fast - reference).max() < 0.05 * np.abs(reference).max() + 0.05
+    result = fit(
+        model,
+        batches,
+        batches,
+        param_groups(model, 1e-2, 1e-3, 0.0),
+        epochs=3,
+        patience=3,
+        label_smoothing=0.0,
+        device=CPU,
+        precision=torch.bfloat16,
+    )
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]

@@ -73,6 +73,7 @@ def _set(mapping: dict, dotted: str, value) -> dict:
         ("data.dir", 123),
         ("backbone.image_size", 64.0),
         ("finetune.augment", 1),
+        ("compute.threads", 2.0),
     ],
 )
 def test_wrong_type_names_the_key(params_dict, key, value):
@@ -94,6 +95,9 @@ def test_wrong_type_names_the_key(params_dict, key, value):
         ("finetune.augment", "heavy"),
         ("compute.device", "tpu"),
         ("compute.batch_size", 0),
+        ("compute.precision", "half"),
+        ("compute.threads", 0),
+        ("compute.threads", "many"),
         ("backbone.image_size", 8),
         ("backbone.image_size", "large"),
         ("data.val_fraction", 0.0),

@@ -132,7 +132,7 @@ def predict_files(
         collate_fn=_collate,
     )
     results: list[Prediction] = [Prediction(str(p)) for p in paths]
-    model.eval().to(device)
+    model.eval().to(device, memory_format=torch.channels_last)  # as evaluate runs it
     progress = tqdm(
         total=len(paths),
         desc="predict",
@@ -149,7 +149,8 @@ def predict_files(
                 else:
                     good.append((index, image))
             if good:
-                images = torch.stack([image for _, image in good]).to(device)  # (B, 3, S, S)
+                images = torch.stack([image for _, image in good])  # (B, 3, S, S)
+                images = images.to(device, memory_format=torch.channels_last)
                 probabilities = torch.softmax(model(images).float(), dim=1).cpu()
                 top = probabilities.topk(min(top_k, len(classes)), dim=1)  # sorted, best first
                 for row, (index, _) in enumerate(good):

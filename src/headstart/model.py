@@ -45,6 +45,39 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def cpu_has_native_bf16() -> bool:
+    """True on CPUs with bfloat16 instructions (AVX512-BF16 or AMX), where bf16 pays off."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for `compute.precision` on `device`; None means plain float32.
+
+    auto: bfloat16 on GPUs that support it (else float16) and on CPUs with native bfloat16;
+    float32 everywhere else. Outputs written to disk (features, weights) stay float32.
+    """
+    if precision == "float32":
+        return None
+    if precision == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else None
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16}[precision]
+
+
+def precision_name(precision: torch.dtype | None) -> str:
+    """How a resolved precision reads in logs and records: "float32" or "bfloat16 autocast"."""
+    return "float32" if precision is None else f"{str(precision).removeprefix('torch.')} autocast"
+
+
+def set_threads(threads: int | str) -> None:
+    """`compute.threads`: an int pins torch's CPU thread count; auto keeps torch's default
+    (one per physical core). Results can differ in the last digits between thread counts."""
+    if threads != "auto":
+        torch.set_num_threads(threads)
+
+
 def set_trainable(model: Classifier, unfreeze: int) -> list[nn.Module]:
     """Freeze the backbone except its top `unfreeze` blocks; the head always trains.
 
