@@ -12,14 +12,16 @@ import argparse
 import logging
 from pathlib import Path
 
+import numpy as np
+
 from headstart.backbones import BACKBONES, build_backbone
 from headstart.data import SPLITS, eval_transform, image_loader, load_prepared, resolve_image_size
 from headstart.environment import describe
-from headstart.io import atomic_dir, write_array, write_json
+from headstart.io import atomic_dir, open_array, write_json
 from headstart.model import precision_name, resolve_device, resolve_precision, set_threads
 from headstart.params import as_dict, load_params
 from headstart.stage import run
-from headstart.train import run_inference
+from headstart.train import iter_inference
 
 log = logging.getLogger("headstart.extract")
 
@@ -59,16 +61,28 @@ def main(argv: list[str] | None = None) -> None:
                 batch_size=params.compute.batch_size,
                 num_workers=params.compute.num_workers,
             )
-            features, labels = run_inference(
+            # Streamed to disk batch by batch: memory does not grow with the number of images.
+            rows = len(loader.dataset)
+            features = open_array(
+                out / f"{split}_features.npy", (rows, backbone.num_features), np.float32
+            )
+            labels = open_array(out / f"{split}_labels.npy", (rows,), np.int64)
+            start = 0
+            for batch_features, batch_labels in iter_inference(
                 backbone,
                 loader,
                 device,
                 desc=f"extract {split}",
                 batch_size_key="compute.batch_size",
                 precision=precision,
-            )
-            write_array(out / f"{split}_features.npy", features)  # (N, D) float32
-            write_array(out / f"{split}_labels.npy", labels)  # (N,) int64
+            ):
+                end = start + len(batch_features)
+                features[start:end] = batch_features
+                labels[start:end] = batch_labels
+                start = end
+            features.flush()
+            labels.flush()
+            del features, labels  # unmapped before atomic_dir moves the files
         write_json(
             out / "meta.json",
             {

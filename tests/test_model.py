@@ -12,7 +12,14 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from headstart.backbones import build_backbone, load_state_dict_file
-from headstart.io import atomic_path, load_checkpoint, save_checkpoint, write_json
+from headstart.io import (
+    atomic_path,
+    load_checkpoint,
+    open_array,
+    save_checkpoint,
+    write_array,
+    write_json,
+)
 from headstart.model import (
     Classifier,
     cpu_has_native_bf16,
@@ -534,3 +541,15 @@ def test_bfloat16_autocast_trains_and_keeps_float32_weights():
     )
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+
+
+def test_open_array_writes_the_bytes_np_save_writes(tmp_path):
+    """Features streamed into a memory-mapped .npy are byte-identical to np.save's file."""
+    values = np.random.default_rng(0).standard_normal((37, 5)).astype(np.float32)
+    streamed = open_array(tmp_path / "streamed.npy", values.shape, np.float32)
+    for start in range(0, len(values), 8):
+        streamed[start : start + 8] = values[start : start + 8]
+    streamed.flush()
+    del streamed
+    write_array(tmp_path / "saved.npy", values)
+    assert (tmp_path / "streamed.npy").read_bytes() == (tmp_path / "saved.npy").read_bytes()

@@ -154,6 +154,13 @@ def write_array(path: Path, array: np.ndarray) -> None:
         np.save(handle, array, allow_pickle=False)
 
 
+def open_array(path: Path, shape: tuple[int, ...], dtype) -> np.memmap:
+    """A new .npy file of `shape`, memory-mapped for filling in place: rows written as they are
+    computed go to disk, so memory stays one batch whatever the number of rows. Same bytes as
+    write_array of the filled array. Not atomic: open it inside atomic_dir."""
+    return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+
+
 def read_array(path: Path) -> np.ndarray:
     return np.load(path, allow_pickle=False)
 

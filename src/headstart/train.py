@@ -195,7 +195,28 @@ def fit(
     return best
 
 
-@torch.inference_mode()
+def iter_inference(
+    model: nn.Module,
+    batches: Iterable,
+    device: torch.device,
+    desc: str = "predict",
+    batch_size_key: str | None = None,
+    precision: torch.dtype | None = None,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Run `model` in eval mode over the batches; yield (outputs (B, ...) float32, labels (B,)
+    int64) per batch, so a caller can stream them to disk.
+
+    `batch_size_key` is named in the OutOfMemory error, `precision` is the autocast dtype, as
+    in fit.
+    """
+    model.eval().to(device, memory_format=torch.channels_last)
+    with _explain_out_of_memory(desc, device, batches, batch_size_key):
+        for inputs, targets in tqdm(batches, desc=desc, leave=False):
+            with torch.inference_mode(), _autocast(device, precision):
+                outputs = model(_to_device(inputs, device)).float().cpu()
+            yield outputs.numpy(), torch.as_tensor(targets).numpy().astype(np.int64)
+
+
 def run_inference(
     model: nn.Module,
     batches: Iterable,
@@ -204,21 +225,17 @@ def run_inference(
     batch_size_key: str | None = None,
     precision: torch.dtype | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Run `model` in eval mode over all batches; return (outputs (N, ...) float32, labels (N,)).
+    """All of iter_inference at once: (outputs (N, ...) float32, labels (N,) int64).
 
     Used for logits (head, fine-tuned model) and for pooled features (a bare backbone).
-    `batch_size_key` is named in the OutOfMemory error, `precision` is the autocast dtype, as
-    in fit.
     """
-    model.eval().to(device, memory_format=torch.channels_last)
-    all_logits, all_labels = [], []
-    with _explain_out_of_memory(desc, device, batches, batch_size_key):
-        for inputs, targets in tqdm(batches, desc=desc, leave=False):
-            with _autocast(device, precision):
-                outputs = model(_to_device(inputs, device))
-            all_logits.append(outputs.float().cpu())
-            all_labels.append(torch.as_tensor(targets))
-    return torch.cat(all_logits).numpy(), torch.cat(all_labels).numpy().astype(np.int64)
+    outputs, labels = [], []
+    for batch_outputs, batch_labels in iter_inference(
+        model, batches, device, desc, batch_size_key, precision
+    ):
+        outputs.append(batch_outputs)
+        labels.append(batch_labels)
+    return np.concatenate(outputs), np.concatenate(labels)
 
 
 def evaluate_loss_accuracy(
