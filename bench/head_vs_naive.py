@@ -58,6 +58,7 @@ def main() -> None:
             prepared.split(split),
             prepared.class_to_index,
             transform,
+            decode_size=size,
             batch_size=params.compute.batch_size,
             num_workers=params.compute.num_workers,
         )
@@ -123,6 +124,7 @@ def main() -> None:
         prepared.split("train"),
         prepared.class_to_index,
         transform,
+        decode_size=size,
         batch_size=head.batch_size,
         num_workers=params.compute.num_workers,
         shuffle=True,

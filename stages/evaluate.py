@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> None:
         prepared.split("test"),
         prepared.class_to_index,
         eval_transform(meta["image_size"], meta["mean"], meta["std"]),
+        decode_size=meta["image_size"],
         batch_size=compute.batch_size,
         num_workers=compute.num_workers,
     )

@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> None:
                 prepared.split(split),
                 prepared.class_to_index,
                 transform,
+                decode_size=size,
                 batch_size=params.compute.batch_size,
                 num_workers=params.compute.num_workers,
             )

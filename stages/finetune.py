@@ -66,7 +66,11 @@ def main(argv: list[str] | None = None) -> None:
     groups = param_groups(model, ft.lr_head, ft.lr_backbone, ft.weight_decay)
 
     size, mean, std = features["image_size"], features["mean"], features["std"]
-    loader_options = {"batch_size": ft.batch_size, "num_workers": params.compute.num_workers}
+    loader_options = {
+        "decode_size": size,
+        "batch_size": ft.batch_size,
+        "num_workers": params.compute.num_workers,
+    }
     train = image_loader(
         args.data_dir,
         prepared.split("train"),

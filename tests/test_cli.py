@@ -68,7 +68,7 @@ def reference_probabilities(checkpoint: Path, root: Path, paths: list[str]) -> n
     model, meta = load_classifier(checkpoint)
     transform = eval_transform(meta["image_size"], meta["mean"], meta["std"])
     loader = torch.utils.data.DataLoader(
-        ImageDataset(root, paths, [0] * len(paths), transform), batch_size=8
+        ImageDataset(root, paths, [0] * len(paths), transform, meta["image_size"]), batch_size=8
     )
     logits, _ = run_inference(model, loader, torch.device("cpu"))
     return torch.softmax(torch.from_numpy(logits), dim=1).numpy()

@@ -79,9 +79,10 @@ def list_inputs(arguments: list[Path]) -> list[Path]:
 class _InputDataset:
     """Item i: (i, image tensor or None, reason, detail); decoding errors are data, not raised."""
 
-    def __init__(self, paths: list[Path], transform):
+    def __init__(self, paths: list[Path], transform, decode_size: int):
         self.paths = paths
         self.transform = transform
+        self.decode_size = decode_size  # as in training: see data.ImageDataset
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -93,7 +94,7 @@ class _InputDataset:
         if not path.is_file():
             return index, None, "not_found", "no such file"
         try:
-            image = decode_image(path).image
+            image = decode_image(path, self.decode_size).image
         except UnusableImage as error:
             return index, None, error.reason, error.detail
         return index, self.transform(image), None, ""
@@ -126,7 +127,7 @@ def predict_files(
     transform = eval_transform(meta["image_size"], meta["mean"], meta["std"])
     classes = meta["classes"]
     loader = torch.utils.data.DataLoader(
-        _InputDataset(paths, transform),
+        _InputDataset(paths, transform, meta["image_size"]),
         batch_size=batch_size,
         num_workers=num_workers,
         collate_fn=_collate,
