@@ -29,9 +29,10 @@ from headstart.model import (
     resolve_precision,
     set_threads,
     set_trainable,
+    split_at_cut,
     train_mode,
 )
-from headstart.train import fit, fit_logreg, run_inference
+from headstart.train import cache_activations, fit, fit_logreg, run_inference
 
 BACKBONE_NAMES = ["efficientnet_lite0", "resnet18", "mobilenet_v3_small", "convnext_tiny"]
 # Families with BatchNorm (ConvNeXt uses LayerNorm).
@@ -553,3 +554,61 @@ def test_open_array_writes_the_bytes_np_save_writes(tmp_path):
     del streamed
     write_array(tmp_path / "saved.npy", values)
     assert (tmp_path / "streamed.npy").read_bytes() == (tmp_path / "saved.npy").read_bytes()
+
+
+@pytest.mark.parametrize(("name", "unfreeze"), [("resnet18", 1), ("efficientnet_lite0", 3)])
+def test_split_at_cut_composes_to_the_model_and_shares_its_weights(name, unfreeze):
+    torch.manual_seed(0)
+    model = Classifier(build_backbone(name, "none"), NUM_CLASSES).eval()
+    bottom, top = split_at_cut(model, unfreeze)
+    images = torch.randn(4, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(top(bottom(images)), model(images))
+    shared = {id(p) for p in model.parameters()}
+    assert {id(p) for p in top.parameters()} | {id(p) for p in bottom.parameters()} == shared
+    top_blocks = list(model.backbone.blocks)[len(model.backbone.blocks) - unfreeze :]
+    assert list(top.blocks) == top_blocks
+
+
+def test_fine_tuning_from_cached_activations_matches_the_full_path(tmp_path):
+    """Without augmentation, training the top blocks on activations cached once at the cut is
+    the same computation as running the whole backbone every epoch: same batches in the same
+    order (one seeded generator), same weights at the end up to float rounding."""
+    images = torch.randn(48, 3, 32, 32)
+    labels = torch.arange(48) % NUM_CLASSES
+    options = {"epochs": 3, "patience": 3, "label_smoothing": 0.1, "device": CPU}
+
+    def trained(cached: bool) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model = Classifier(build_backbone("resnet18", "none"), NUM_CLASSES)
+        frozen = set_trainable(model, 1)
+        groups = param_groups(model, 1e-2, 1e-3, 1e-4)
+        dataset = TensorDataset(images, labels)
+        if cached:
+            bottom, trainee = split_at_cut(model, 1)
+            ordered = DataLoader(dataset, batch_size=16)
+            dataset = cache_activations(bottom, ordered, CPU, tmp_path / "a.npy", "cache")
+            assert dataset.tensors[0].shape == (48, 256, 2, 2)  # resnet18's layer3 at 32 px
+        else:
+            trainee = model
+        train = DataLoader(dataset, 16, shuffle=True, generator=torch.Generator().manual_seed(0))
+        val = DataLoader(dataset, 16)
+        fit(
+            trainee,
+            train,
+            val,
+            groups,
+            train_mode=lambda _: train_mode(model, frozen, "frozen"),
+            **options,
+        )
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+    full, cached = trained(cached=False), trained(cached=True)
+    assert any(not torch.equal(full[k], v) for k, v in _initial_resnet18().items())
+    for key, value in full.items():
+        torch.testing.assert_close(cached[key], value, atol=1e-4, rtol=1e-4, msg=key)
+
+
+def _initial_resnet18() -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    return Classifier(build_backbone("resnet18", "none"), NUM_CLASSES).state_dict()

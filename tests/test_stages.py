@@ -278,3 +278,33 @@ def test_class_list_changed_after_extract_is_refused(pipeline, tmp_path, monkeyp
     assert not (work / "models" / "new.pt").exists()
     with pytest.raises(ValueError, match="trained for classes"):
         load_stage("evaluate").main(STAGE_ARGV["evaluate"])
+
+
+@pytest.mark.parametrize(
+    ("augment", "chosen"),
+    [
+        ("none", "caching the activations below the top 1 blocks once"),
+        ("light", "augment light, unfreeze 1 of 8 blocks: every epoch runs the whole backbone"),
+    ],
+)
+def test_finetune_picks_cached_activations_without_augmentation(
+    pipeline, tmp_path, monkeypatch, params_dict, write_params, caplog, augment, chosen
+):
+    """augment none: the stage picks the cached-activation path itself, says so, and leaves
+    nothing but the model behind; with augmentation, the whole backbone runs every epoch."""
+    import shutil
+
+    work = tmp_path / "work"
+    shutil.copytree(pipeline, work)
+    params_dict["finetune"]["augment"] = augment
+    write_params(work, params_dict)
+    monkeypatch.chdir(work)
+    with caplog.at_level("INFO", logger="headstart"):
+        load_stage("finetune").main(STAGE_ARGV["finetune"])
+    assert chosen in caplog.text
+    assert sorted(p.name for p in (work / "models").iterdir()) == ["finetuned.pt", "head.pt"]
+    _, meta = load_classifier(work / "models/finetuned.pt")
+    assert meta["params"]["finetune"]["augment"] == augment
+    load_stage("evaluate").main(STAGE_ARGV["evaluate"])
+    metrics = _read_json(work / "metrics/evaluate.json")
+    assert 0.0 <= metrics["finetuned"]["accuracy"] <= 1.0

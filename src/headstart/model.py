@@ -29,6 +29,47 @@ class Classifier(nn.Module):
         return self.head(self.backbone(images))  # (B, num_classes) logits
 
 
+class _Bottom(nn.Module):
+    """stem -> the lower blocks: the frozen part of a Classifier, below the cut."""
+
+    def __init__(self, model: Classifier, cut: int):
+        super().__init__()
+        self.stem = model.backbone.stem
+        self.blocks = nn.ModuleList(list(model.backbone.blocks)[:cut])
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.stem(images)
+        for block in self.blocks:
+            x = block(x)
+        return x  # (B, C, H, W): the activations at the cut
+
+
+class _Top(nn.Module):
+    """The top blocks -> neck -> head: what fine-tuning trains, from activations at the cut."""
+
+    def __init__(self, model: Classifier, cut: int):
+        super().__init__()
+        self.blocks = nn.ModuleList(list(model.backbone.blocks)[cut:])
+        self.neck = model.backbone.neck
+        self.head = model.head
+
+    def forward(self, activations: torch.Tensor) -> torch.Tensor:
+        x = activations
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.neck(x))
+
+
+def split_at_cut(model: Classifier, unfreeze: int) -> tuple[nn.Module, nn.Module]:
+    """(bottom, top) with top(bottom(x)) == model(x), cut below the top `unfreeze` blocks.
+
+    Both share their modules with `model`: training `top` trains `model`. Used to fine-tune
+    from activations cached once at the cut instead of rerunning the frozen blocks each epoch.
+    """
+    cut = len(model.backbone.blocks) - unfreeze
+    return _Bottom(model, cut), _Top(model, cut)
+
+
 def seed_everything(seed: int) -> torch.Generator:
     """The one place seeds are set; returns a generator for DataLoader shuffling."""
     random.seed(seed)

@@ -217,6 +217,35 @@ def iter_inference(
             yield outputs.numpy(), torch.as_tensor(targets).numpy().astype(np.int64)
 
 
+def cache_activations(
+    module: nn.Module,
+    batches,
+    device: torch.device,
+    path,
+    desc: str,
+    batch_size_key: str | None = None,
+    precision: torch.dtype | None = None,
+) -> torch.utils.data.TensorDataset:
+    """Run a frozen `module` once over an (unshuffled) image DataLoader; return a dataset of
+    (its output, label) pairs, the outputs streamed to a memory-mapped float32 .npy at `path`
+    (memory stays one batch however many images)."""
+    from headstart.io import open_array
+
+    rows = len(batches.dataset)
+    outputs, labels, start = None, np.empty(rows, dtype=np.int64), 0
+    for batch_outputs, batch_labels in iter_inference(
+        module, batches, device, desc, batch_size_key, precision
+    ):
+        if outputs is None:
+            outputs = open_array(path, (rows, *batch_outputs.shape[1:]), np.float32)
+        end = start + len(batch_outputs)
+        outputs[start:end] = batch_outputs
+        labels[start:end] = batch_labels
+        start = end
+    outputs.flush()
+    return torch.utils.data.TensorDataset(torch.from_numpy(outputs), torch.from_numpy(labels))
+
+
 def run_inference(
     model: nn.Module,
     batches: Iterable,
