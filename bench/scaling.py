@@ -90,7 +90,9 @@ def main() -> None:
     parser.add_argument("--backbone", default="mobilenet_v3_small")
     parser.add_argument("--weights", default="none")
     parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--evaluate-param", default="evaluate.calibrate=true")
+    parser.add_argument(
+        "--evaluate-param", default="evaluate.calibrate=true", help="'' to skip that check"
+    )
     parser.add_argument("--work", type=Path, help="keep the repositories and images here")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="headstart-scaling-"))
@@ -125,6 +127,7 @@ def main() -> None:
         reran = "-"
         if full:
             noop_at_largest = noop_s
+        if full and args.evaluate_param:
             key, value = args.evaluate_param.split("=")
             changed = sh(repo, "dvc", "exp", "run", "-S", f"{key}={value}")
             reran = ", ".join(sorted(set(re.findall(r"Running stage '([^']+)'", changed))))
