@@ -14,6 +14,7 @@ weights kept in float32. Reads params: backbone, compute (all but batch_size), f
 import argparse
 import contextlib
 import logging
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -41,6 +42,9 @@ from headstart.stage import run
 from headstart.train import cache_activations, fit, live_logger
 
 log = logging.getLogger("headstart.finetune")
+# The cached activations' temporary folder, next to the model; removed on exit, and at the next
+# start if a killed run left it.
+SCRATCH_PREFIX = ".finetune-activations-"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -94,12 +98,12 @@ def main(argv: list[str] | None = None) -> None:
                 ft.unfreeze,
             )
             bottom, trainee = split_at_cut(model, ft.unfreeze)
+            parent = args.finetuned_model.parent
+            parent.mkdir(parents=True, exist_ok=True)
+            for orphan in parent.glob(f"{SCRATCH_PREFIX}*"):  # left by a killed run
+                shutil.rmtree(orphan, ignore_errors=True)
             scratch = Path(
-                stack.enter_context(
-                    tempfile.TemporaryDirectory(
-                        prefix=".finetune-activations-", dir=args.finetuned_model.parent
-                    )
-                )
+                stack.enter_context(tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX, dir=parent))
             )
             cached = {
                 split: cache_activations(

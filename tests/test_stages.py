@@ -299,6 +299,9 @@ def test_finetune_picks_cached_activations_without_augmentation(
     params_dict["finetune"]["augment"] = augment
     write_params(work, params_dict)
     monkeypatch.chdir(work)
+    if augment == "none":  # what a killed run leaves: removed by the next one
+        (work / "models" / ".finetune-activations-killed").mkdir()
+        (work / "models" / ".finetune-activations-killed" / "train.npy").write_bytes(b"x")
     with caplog.at_level("INFO", logger="headstart"):
         load_stage("finetune").main(STAGE_ARGV["finetune"])
     assert chosen in caplog.text
