@@ -17,7 +17,7 @@ import numpy as np
 from headstart.backbones import BACKBONES, build_backbone
 from headstart.data import SPLITS, eval_transform, image_loader, load_prepared, resolve_image_size
 from headstart.environment import describe
-from headstart.io import atomic_dir, open_array, write_json
+from headstart.io import ArrayWriter, atomic_dir, write_json
 from headstart.model import precision_name, resolve_device, resolve_precision, set_threads
 from headstart.params import as_dict, load_params
 from headstart.stage import run
@@ -64,26 +64,22 @@ def main(argv: list[str] | None = None) -> None:
             )
             # Streamed to disk batch by batch: memory does not grow with the number of images.
             rows = len(loader.dataset)
-            features = open_array(
-                out / f"{split}_features.npy", (rows, backbone.num_features), np.float32
-            )
-            labels = open_array(out / f"{split}_labels.npy", (rows,), np.int64)
-            start = 0
-            for batch_features, batch_labels in iter_inference(
-                backbone,
-                loader,
-                device,
-                desc=f"extract {split}",
-                batch_size_key="compute.batch_size",
-                precision=precision,
+            with (
+                ArrayWriter(
+                    out / f"{split}_features.npy", (rows, backbone.num_features), np.float32
+                ) as features,
+                ArrayWriter(out / f"{split}_labels.npy", (rows,), np.int64) as labels,
             ):
-                end = start + len(batch_features)
-                features[start:end] = batch_features
-                labels[start:end] = batch_labels
-                start = end
-            features.flush()
-            labels.flush()
-            del features, labels  # unmapped before atomic_dir moves the files
+                for batch_features, batch_labels in iter_inference(
+                    backbone,
+                    loader,
+                    device,
+                    desc=f"extract {split}",
+                    batch_size_key="compute.batch_size",
+                    precision=precision,
+                ):
+                    features.write(batch_features)
+                    labels.write(batch_labels)
         write_json(
             out / "meta.json",
             {

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from headstart.backbones import build_backbone, load_state_dict_file
 from headstart.io import (
+    ArrayWriter,
     atomic_path,
     load_checkpoint,
     open_array,
@@ -612,3 +613,18 @@ def test_fine_tuning_from_cached_activations_matches_the_full_path(tmp_path):
 def _initial_resnet18() -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     return Classifier(build_backbone("resnet18", "none"), NUM_CLASSES).state_dict()
+
+
+def test_array_writer_writes_the_bytes_np_save_writes(tmp_path):
+    values = np.random.default_rng(1).standard_normal((37, 5)).astype(np.float32)
+    with ArrayWriter(tmp_path / "written.npy", values.shape, np.float32) as out:
+        for start in range(0, len(values), 8):
+            out.write(values[start : start + 8])
+    write_array(tmp_path / "saved.npy", values)
+    assert (tmp_path / "written.npy").read_bytes() == (tmp_path / "saved.npy").read_bytes()
+    with pytest.raises(ValueError, match="36 rows written, 37 expected"):
+        with ArrayWriter(tmp_path / "short.npy", values.shape, np.float32) as out:
+            out.write(values[:36])
+    with pytest.raises(ValueError, match="do not fit"):
+        with ArrayWriter(tmp_path / "wide.npy", (3, 4), np.float32) as out:
+            out.write(values[:3])
