@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -231,3 +232,42 @@ def test_a_rerun_from_scratch_is_byte_identical(baseline, tmp_path):
         ).returncode
         == 0
     )
+
+
+def test_reproduce_check_reruns_and_flags_a_changed_metric(baseline, tmp_path):
+    """tools/reproduce_check.py on a commit whose head accuracy was edited by hand: the rerun
+    from scratch matches every other metric exactly and every output in dvc.lock, and the
+    edited value is flagged (exit 1)."""
+    repo = _copy_repo(baseline, tmp_path / "repo")
+    evaluate = repo / "metrics" / "evaluate.json"
+    metrics = json.loads(evaluate.read_text())
+    metrics["head"]["accuracy"] = round(metrics["head"]["accuracy"] + 0.5, 6) % 1.0
+    evaluate.write_text(json.dumps(metrics))
+    run(repo, "git", "commit", "-q", "-am", "edited by hand")
+
+    result = subprocess.run(
+        [sys.executable, str(PROJECT / "tools" / "reproduce_check.py")],
+        cwd=repo,
+        env=_env(repo),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert ran_stages(output) == {
+        "digits",
+        "prepare",
+        "extract",
+        "train_head",
+        "finetune",
+        "evaluate",
+    }, output
+    rows = [line.split() for line in output.splitlines() if line.endswith((" ok", " DIFF"))]
+    assert [row[:2] for row in rows if row[-1] == "DIFF"] == [
+        ["metrics/evaluate.json", "head.accuracy"]
+    ], output
+    assert len(rows) > 20  # every metric of the four files
+    assert "1 of" in output and "metrics not reproduced exactly" in output
+    outputs = len(_out_hashes(_lock(repo)))
+    assert f"all {outputs} outputs byte-identical to dvc.lock" in output, output
