@@ -8,11 +8,13 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from test_e2e_dvc import _env, run
 
 PROJECT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location(
@@ -172,3 +174,85 @@ def test_changed_outputs_are_found_in_dvc_lock():
     del reproduced["dvclive/train_head"]
     assert check.changed_outputs(committed, reproduced) == ["models/head.pt", "dvclive/train_head"]
     assert check.output_hashes(None) == {}
+
+
+def _tiny_dvc_repo(tmp_path: Path, script: str) -> Path:
+    """A git + DVC repository with one stage, `python make.py`, that writes metrics.json (a
+    git-tracked metric) and model.bin (a cached output); run once and committed."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "make.py").write_text(script)
+    (repo / "dvc.yaml").write_text(
+        "stages:\n"
+        "  make:\n"
+        "    cmd: python make.py\n"
+        "    deps: [make.py]\n"
+        "    outs: [model.bin, {metrics.json: {cache: false}}]\n"
+        "metrics: [metrics.json]\n"
+    )
+    run(repo, "git", "init", "-q")
+    run(repo, "dvc", "init", "-q")
+    run(repo, "dvc", "repro")
+    run(repo, "git", "add", "-A")
+    run(repo, "git", "commit", "-q", "-m", "run")
+    return repo
+
+
+def _check(repo: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(PROJECT / "tools" / "reproduce_check.py"), *args],
+        cwd=repo,
+        env=_env(repo),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+DETERMINISTIC = """
+import json
+open("model.bin", "wb").write(b"weights")
+json.dump({"accuracy": 0.75, "images": 8}, open("metrics.json", "w"))
+"""
+# A different accuracy (by less than 0.01) and model on every run.
+NOISY = """
+import json, os
+noise = (1 + int.from_bytes(os.urandom(2), "big")) / 2**16 / 200  # in (0, 0.005]
+open("model.bin", "wb").write(os.urandom(8))
+json.dump({"accuracy": 0.75 + noise, "images": 8}, open("metrics.json", "w"))
+"""
+
+
+@pytest.mark.e2e
+def test_a_deterministic_pipeline_reproduces_exactly(tmp_path):
+    result = _check(_tiny_dvc_repo(tmp_path, DETERMINISTIC))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Running stage 'make'" in result.stdout  # --force: rerun, not skipped
+    assert "all 2 metrics reproduced exactly" in result.stdout
+    assert "all 2 outputs byte-identical to dvc.lock" in result.stdout
+
+
+@pytest.mark.e2e
+def test_a_noisy_pipeline_fails_exact_and_passes_within_its_tolerance(tmp_path):
+    repo = _tiny_dvc_repo(tmp_path, NOISY)
+    exact = _check(repo)
+    assert exact.returncode == 1, exact.stdout + exact.stderr
+    assert "1 of 2 metrics not reproduced exactly" in exact.stdout
+    assert "2 outputs differ from dvc.lock: metrics.json, model.bin" in exact.stdout
+    tolerant = _check(repo, "--tolerance", "0.01")
+    assert tolerant.returncode == 0, tolerant.stdout + tolerant.stderr
+    assert "all 2 metrics reproduced within 0.01" in tolerant.stdout
+
+
+@pytest.mark.e2e
+def test_a_failing_rerun_exits_2_and_keeps_its_log(tmp_path):
+    repo = _tiny_dvc_repo(tmp_path, DETERMINISTIC)
+    (repo / "make.py").write_text("raise SystemExit('broken on purpose')\n")
+    run(repo, "git", "commit", "-q", "-am", "break it")
+    result = _check(repo)
+    assert result.returncode == 2, result.stdout + result.stderr
+    kept = Path(result.stderr.split("kept the clone and its log in ")[1].split()[0])
+    try:
+        assert "broken on purpose" in (kept / "repro.log").read_text()
+    finally:
+        shutil.rmtree(kept)

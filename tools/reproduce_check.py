@@ -287,19 +287,21 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="reproduce-check-"))
     try:
         clone = reproduce(source, commit, workdir)
-        paths = args.metrics or metrics_files(clone)
-        rows = compare(
-            committed_metrics(clone, commit, paths), read_metrics(clone, paths), args.tolerance
-        )
-        committed_lock = _git(clone, "show", f"{commit}:dvc.lock")
-        reproduced_lock = (clone / "dvc.lock").read_text(encoding="utf-8")
-        outputs = output_hashes(yaml.safe_load(committed_lock))
-        different = changed_outputs(outputs, output_hashes(yaml.safe_load(reproduced_lock)))
-    finally:
-        if args.keep:
-            print(f"kept the clone in {workdir / 'repo'}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+    except BaseException:
+        print(f"kept the clone and its log in {workdir}", file=sys.stderr)
+        raise
+    paths = args.metrics or metrics_files(clone)
+    rows = compare(
+        committed_metrics(clone, commit, paths), read_metrics(clone, paths), args.tolerance
+    )
+    committed_lock = _git(clone, "show", f"{commit}:dvc.lock")
+    reproduced_lock = (clone / "dvc.lock").read_text(encoding="utf-8")
+    outputs = output_hashes(yaml.safe_load(committed_lock))
+    different = changed_outputs(outputs, output_hashes(yaml.safe_load(reproduced_lock)))
+    if args.keep:
+        print(f"kept the clone in {clone}")
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
 
     print()
     print(table(rows))
