@@ -5,7 +5,7 @@ BIN := $(CURDIR)/$(VENV)/bin
 # Stage commands in dvc.yaml call `python`: put the environment first on PATH.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: repro test lint env clean-env
+.PHONY: repro test lint env clean-env reproduce-check
 
 repro: $(VENV)/.installed
 	dvc repro
@@ -15,8 +15,14 @@ test: $(VENV)/.installed
 	python -m pytest
 
 lint: $(VENV)/.installed
-	ruff check src stages tests bench
-	ruff format --check src stages tests bench
+	ruff check src stages tests bench tools
+	ruff format --check src stages tests bench tools
+
+# Rerun the committed pipeline from scratch in a temporary clone and compare its metrics with
+# the committed ones: exact by default (same machine), `make reproduce-check TOLERANCE=0.01`
+# elsewhere. See tools/reproduce_check.py --help.
+reproduce-check: $(VENV)/.installed
+	python tools/reproduce_check.py $(if $(TOLERANCE),--tolerance $(TOLERANCE))
 
 env: $(VENV)/.installed
 

@@ -1,0 +1,289 @@
+"""Experiments and reproducibility with the real `dvc`: a queued sweep that reuses the
+features, `dvc metrics diff` / `dvc params diff` across commits, a push / clone / pull round
+trip through a local remote (run-cache included), and a from-scratch rerun that is byte for
+byte the same.
+
+One baseline repository (all stages run once, committed) is shared by the module and copied
+for each test, so the whole pipeline runs from scratch only twice in this file: once for the
+baseline and once in the byte-identical test.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from test_e2e_dvc import FAST, PROJECT, _env, make_repo, ran_stages, run
+from test_e2e_interrupt import _copy_repo, _set_params
+
+from headstart.model import load_classifier
+
+pytestmark = pytest.mark.e2e
+
+# DVC's line for a stage restored from the run-cache instead of run.
+CACHED = "Stage '{}' is cached - skipping run, checking out outputs"
+UP_TO_DATE = "Data and pipelines are up to date."
+
+
+def _git_clone(source: Path, target: Path) -> Path:
+    run(source.parent, "git", "clone", "-q", str(source), str(target))
+    return target
+
+
+def _lock(repo: Path) -> dict:
+    return yaml.safe_load((repo / "dvc.lock").read_text())
+
+
+def _out_hashes(lock: dict) -> dict[str, str]:
+    """{output path: md5} for every output of every stage in a parsed dvc.lock."""
+    return {out["path"]: out["md5"] for stage in lock["stages"].values() for out in stage["outs"]}
+
+
+def _metrics_files(repo: Path) -> list[str]:
+    return yaml.safe_load((repo / "dvc.yaml").read_text())["metrics"]
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory, image_folder_factory) -> Path:
+    """A repository whose whole pipeline has run once from scratch, committed."""
+    root = tmp_path_factory.mktemp("experiments")
+    repo = make_repo(root, image_folder_factory(root / "images"), FAST)
+    output = run(repo, "dvc", "repro")
+    assert {"prepare", "extract", "train_head", "finetune", "evaluate"} <= ran_stages(output)
+    run(repo, "git", "add", "-A")
+    run(repo, "git", "commit", "-q", "-m", "baseline run")
+    return repo
+
+
+def test_queued_sweep_reuses_the_features(baseline, tmp_path):
+    """Two queued head experiments run (one after the other, each in its own temporary
+    workspace) without re-extracting features, and each records its own results."""
+    repo = _copy_repo(baseline, tmp_path / "repo")
+    queued = run(repo, "dvc", "exp", "run", "--queue", "-S", "head.lr=1.0e-3,1.0e-2")
+    assert queued.count("Queued experiment") == 2, queued
+
+    # `dvc queue start` returns at once and leaves the work to a background worker;
+    # `--run-all` starts the same worker and follows every queued experiment's log to the end.
+    output = run(repo, "dvc", "exp", "run", "--run-all")
+    assert output.count("Running stage 'train_head'") == 2, output
+    assert output.count("Stage 'extract' didn't change, skipping") == 2, output
+    assert "Running stage 'extract'" not in output
+    assert "Running stage 'prepare'" not in output
+    status = run(repo, "dvc", "queue", "status")
+    assert status.count("Success") == 2, status
+
+    # The results, as `dvc exp show` reports them.
+    baseline_commit = next(
+        row
+        for row in json.loads(run(repo, "dvc", "exp", "show", "--json"))
+        if row["rev"] != "workspace"
+    )
+    experiments = [rev["data"] for exp in baseline_commit["experiments"] for rev in exp["revs"]]
+    assert sorted(e["params"]["params.yaml"]["data"]["head"]["lr"] for e in experiments) == [
+        1.0e-3,
+        1.0e-2,
+    ]
+    features = baseline_commit["data"]["outs"]["data/features"]["hash"]
+    for experiment in experiments:
+        assert experiment["deps"]["data/features"]["hash"] == features
+        assert experiment["outs"]["data/features"]["hash"] == features
+        evaluated = experiment["metrics"]["metrics/evaluate.json"]["data"]
+        for model in ("head", "finetuned"):
+            assert 0.0 <= evaluated[model]["accuracy"] <= 1.0
+    # Different learning rates, different heads: the training curves differ.
+    head_losses = {
+        e["metrics"]["dvclive/train_head/metrics.json"]["data"]["train_loss"] for e in experiments
+    }
+    assert len(head_losses) == 2, head_losses
+    head_models = {e["outs"]["models/head.pt"]["hash"] for e in experiments}
+    assert (
+        len(head_models) == 2
+        and baseline_commit["data"]["outs"]["models/head.pt"]["hash"] not in head_models
+    )
+
+
+def test_metrics_and_params_diff_between_commits(baseline, tmp_path):
+    repo = _copy_repo(baseline, tmp_path / "repo")
+    baseline_step = json.loads((repo / "dvclive/train_head/metrics.json").read_text())["step"]
+    assert baseline_step == FAST["head.epochs"] - 1
+    epochs = FAST["head.epochs"] + 3  # fewer than head.patience: every epoch runs
+    _set_params(repo, {"head.epochs": epochs})
+    output = run(repo, "dvc", "repro")
+    assert ran_stages(output) == {"train_head", "finetune", "evaluate"}, output
+    run(repo, "git", "commit", "-q", "-am", "more head epochs")
+
+    metrics = json.loads(run(repo, "dvc", "metrics", "diff", "HEAD~1", "HEAD", "--json"))
+    step = metrics["dvclive/train_head/metrics.json"]["step"]
+    assert step == {"old": baseline_step, "new": epochs - 1, "diff": 3}, metrics
+    # Only changed metrics are listed; the data did not change.
+    assert "metrics/data.json" not in metrics
+    table = run(repo, "dvc", "metrics", "diff", "HEAD~1", "HEAD")
+    assert "dvclive/train_head/metrics.json" in table and "step" in table
+
+    params = json.loads(run(repo, "dvc", "params", "diff", "HEAD~1", "HEAD", "--json"))
+    assert params == {"params.yaml": {"head.epochs": {"old": epochs - 3, "new": epochs, "diff": 3}}}
+
+
+def test_push_clone_pull_is_up_to_date_and_the_run_cache_travels(baseline, tmp_path):
+    """Machine A pushes; machine B (a fresh git clone) pulls and has nothing to run, and its
+    models give the recorded metrics. Machine C reuses, from the remote's run-cache, a run that
+    A made but never committed."""
+    machine_a = _copy_repo(baseline, tmp_path / "a")
+    remote = tmp_path / "remote"
+    run(machine_a, "dvc", "remote", "add", "-d", "shared", str(remote))
+    run(machine_a, "git", "commit", "-q", "-am", "shared remote")
+    run(machine_a, "dvc", "push", "--run-cache")
+
+    machine_b = _git_clone(machine_a, tmp_path / "b")
+    assert not (machine_b / "models" / "finetuned.pt").exists()
+    run(machine_b, "dvc", "pull")
+    assert UP_TO_DATE in run(machine_b, "dvc", "status")
+    assert ran_stages(run(machine_b, "dvc", "repro")) == set()
+    assert _lock(machine_b) == _lock(machine_a)
+    for name in ("models/head.pt", "models/finetuned.pt", "data/features/meta.json"):
+        assert (machine_b / name).read_bytes() == (machine_a / name).read_bytes(), name
+    model, meta = load_classifier(machine_b / "models" / "finetuned.pt")
+    assert meta["classes"] == ["bird", "cat", "dog"]
+    # The pulled models, evaluated again on B, give exactly the committed metrics.
+    recorded = {name: (machine_b / name).read_bytes() for name in _metrics_files(machine_b)}
+    evaluated = run(machine_b, "dvc", "repro", "--force", "--single-item", "evaluate")
+    assert ran_stages(evaluated) == {"evaluate"}, evaluated
+    for name, content in recorded.items():
+        assert (machine_b / name).read_bytes() == content, name
+    assert UP_TO_DATE in run(machine_b, "dvc", "status")
+
+    # C has the run-cache and the images, no outputs: a stage DVC could save to the run-cache
+    # is restored from it, the others run (with dvc.yaml as it is: prepare runs, extract is
+    # restored; see test_every_stage_is_run_cacheable).
+    machine_c = _git_clone(machine_a, tmp_path / "c")
+    not_cached = set(_not_run_cached(machine_c))
+    assert "extract" not in not_cached
+    run(machine_c, "dvc", "fetch", "--run-cache")
+    run(machine_c, "dvc", "checkout", "data/raw.dvc")
+    restored = run(machine_c, "dvc", "repro", "extract")
+    _assert_ran_or_restored(restored, {"prepare", "extract"}, not_cached)
+    for name in ("data/prepared/index.csv", "data/features/meta.json"):
+        assert (machine_c / name).read_bytes() == (machine_a / name).read_bytes(), name
+
+    # A runs a variant without committing it and pushes its run-cache; C asks for the same
+    # variant. Whatever runs again on C gives byte for byte what it gave on A.
+    variant = {"head.epochs": FAST["head.epochs"] + 1}
+    _set_params(machine_a, variant)
+    assert ran_stages(run(machine_a, "dvc", "repro")) == {"train_head", "finetune", "evaluate"}
+    run(machine_a, "dvc", "push", "--run-cache")
+    _set_params(machine_c, variant)
+    rerun = run(machine_c, "dvc", "repro", "--pull")
+    _assert_ran_or_restored(rerun, {"train_head", "finetune", "evaluate"}, not_cached)
+    assert _lock(machine_c) == _lock(machine_a)
+    assert UP_TO_DATE in run(machine_c, "dvc", "status")
+
+
+def _not_run_cached(repo: Path) -> dict[str, list[str]]:
+    """{stage: its `cache: false` outputs declared under `outs:`}: the stages DVC 3.67 never
+    saves to the run-cache. Stage.run skips the run-cache for a stage with an uncached output
+    that is not one of the stage's own `metrics:` or `plots:`."""
+    pipeline = yaml.safe_load((repo / "dvc.yaml").read_text())
+    blocked = {}
+    for name, stage in pipeline["stages"].items():
+        uncached = [
+            next(iter(out))
+            for out in stage.get("outs", [])
+            if isinstance(out, dict) and next(iter(out.values())).get("cache") is False
+        ]
+        if uncached:
+            blocked[name] = uncached
+    return blocked
+
+
+def _assert_ran_or_restored(output: str, stages: set[str], not_cached: set[str]) -> None:
+    """Each stage ran if DVC cannot run-cache it, else was restored from the run-cache."""
+    assert ran_stages(output) == stages & not_cached, output
+    for stage in stages - not_cached:
+        assert CACHED.format(stage) in output, output
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="DVC 3.67 (Stage.run) saves no run-cache entry for a stage with a `cache: false` "
+    "output that is not declared under the stage's own `metrics:` or `plots:`; prepare, "
+    "train_head, finetune and evaluate declare theirs under `outs:`",
+)
+def test_every_stage_is_run_cacheable():
+    """Static: every stage with a command could be restored from the run-cache. Turns into an
+    unexpected pass (a failure, strict) once dvc.yaml declares its uncached outputs as stage
+    `metrics:` / `plots:`; then drop the xfail (the round-trip test then expects those stages
+    restored from the run-cache, not run)."""
+    blocked = _not_run_cached(PROJECT)
+    assert not blocked, blocked
+
+
+def test_a_rerun_from_scratch_is_byte_identical(baseline, tmp_path):
+    """Same commit, same machine, no cache and no outputs: every hash in dvc.lock (data,
+    features, models, curves, metrics, plots) comes out the same."""
+    repo = _copy_repo(baseline, tmp_path / "repo")
+    lock = _lock(repo)
+    outputs = _out_hashes(lock)
+    for name in outputs:
+        path = repo / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    # The cache holds every output and the run-cache: without it DVC must compute everything.
+    # data/raw (the user's images) stays in the workspace; DVC hashes it again.
+    shutil.rmtree(repo / ".dvc" / "cache")
+    output = run(repo, "dvc", "repro")
+    assert {"digits", "prepare", "extract", "train_head", "finetune", "evaluate"} == ran_stages(
+        output
+    ), output
+    rerun = _out_hashes(_lock(repo))
+    different = {name for name in outputs if rerun.get(name) != outputs[name]}
+    assert not different, f"not byte-identical after a rerun from scratch: {sorted(different)}"
+    assert (repo / "dvc.lock").read_bytes() == (baseline / "dvc.lock").read_bytes()
+    assert (
+        subprocess.run(
+            ["git", "diff", "--exit-code", "--stat"], cwd=repo, env=_env(repo)
+        ).returncode
+        == 0
+    )
+
+
+def test_reproduce_check_reruns_and_flags_a_changed_metric(baseline, tmp_path):
+    """tools/reproduce_check.py on a commit whose head accuracy was edited by hand: the rerun
+    from scratch matches every other metric exactly and every output in dvc.lock, and the
+    edited value is flagged (exit 1)."""
+    repo = _copy_repo(baseline, tmp_path / "repo")
+    evaluate = repo / "metrics" / "evaluate.json"
+    metrics = json.loads(evaluate.read_text())
+    metrics["head"]["accuracy"] = round(metrics["head"]["accuracy"] + 0.5, 6) % 1.0
+    evaluate.write_text(json.dumps(metrics))
+    run(repo, "git", "commit", "-q", "-am", "edited by hand")
+
+    result = subprocess.run(
+        [sys.executable, str(PROJECT / "tools" / "reproduce_check.py")],
+        cwd=repo,
+        env=_env(repo),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert ran_stages(output) == {
+        "digits",
+        "prepare",
+        "extract",
+        "train_head",
+        "finetune",
+        "evaluate",
+    }, output
+    rows = [line.split() for line in output.splitlines() if line.endswith((" ok", " DIFF"))]
+    assert [row[:2] for row in rows if row[-1] == "DIFF"] == [
+        ["metrics/evaluate.json", "head.accuracy"]
+    ], output
+    assert len(rows) > 20  # every metric of the four files
+    assert "1 of" in output and "metrics not reproduced exactly" in output
+    outputs = len(_out_hashes(_lock(repo)))
+    assert f"all {outputs} outputs byte-identical to dvc.lock" in output, output
