@@ -102,9 +102,7 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, max_iter: int = 100)
     if len(labels_t) == 0:
         raise ValueError("fit_temperature: no validation samples")
     log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.LBFGS(
-        [log_t], lr=0.5, max_iter=max_iter, line_search_fn="strong_wolfe"
-    )
+    optimizer = torch.optim.LBFGS([log_t], lr=0.5, max_iter=max_iter, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
@@ -130,7 +128,7 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, max_iter: int = 100)
 
 
 def calibration_path(model_path: Path) -> Path:
-    """Where a model's calibration lives: models/finetuned.pt -> models/finetuned.calibration.json."""
+    """models/finetuned.pt -> models/finetuned.calibration.json: where its calibration lives."""
     model_path = Path(model_path)
     return model_path.with_name(f"{model_path.stem}.calibration.json")
 
