@@ -64,6 +64,8 @@ STAGE_ARGV = {
         "metrics/per_class.json",
         "metrics/environment.json",
         "plots",
+        "models/finetuned.calibration.json",
+        "reports/model_card.md",
     ],
 }
 
@@ -102,6 +104,12 @@ EXPECTED_OUTPUTS = [
     "metrics/environment.json",
     "plots/confusion_head.json",
     "plots/confusion_finetuned.json",
+    *(f"plots/reliability_{m}.json" for m in ("head", "finetuned", "calibrated")),
+    "plots/per_class_f1.json",
+    "plots/confusion_finetuned.png",
+    "plots/worst_misclassified.png",
+    "models/finetuned.calibration.json",
+    "reports/model_card.md",
 ]
 
 
@@ -278,3 +286,69 @@ def test_class_list_changed_after_extract_is_refused(pipeline, tmp_path, monkeyp
     assert not (work / "models" / "new.pt").exists()
     with pytest.raises(ValueError, match="trained for classes"):
         load_stage("evaluate").main(STAGE_ARGV["evaluate"])
+
+
+def test_evaluate_calibration_and_pictures(pipeline):
+    """ECE, the calibration file predict reads, the reliability and F1 plot data, the PNGs."""
+    from PIL import Image
+
+    from headstart.calibration import read_temperature
+
+    metrics = _read_json(pipeline / "metrics/evaluate.json")
+    num_test = metrics["test_images"]
+    for model in ("head", "finetuned"):
+        assert 0.0 <= metrics[model]["ece"] <= 1.0
+    assert 0.0 <= metrics["finetuned"]["ece_calibrated"] <= 1.0
+    calibration = _read_json(pipeline / "models/finetuned.calibration.json")
+    assert calibration["fitted"] is True and calibration["val_images"] >= 3
+    assert calibration["temperature"] == metrics["finetuned"]["temperature"] > 0
+    # It belongs to the model finetune wrote (and predict will check that).
+    temperature = read_temperature(
+        pipeline / "models/finetuned.calibration.json", pipeline / "models/finetuned.pt"
+    )
+    assert temperature == calibration["temperature"]
+
+    for name in ("head", "finetuned", "calibrated"):
+        bins = _read_json(pipeline / f"plots/reliability_{name}.json")
+        assert sum(b["count"] for b in bins) == num_test
+        assert all(0.0 <= b["accuracy"] <= 1.0 and 0.0 < b["confidence"] <= 1.0 for b in bins)
+    per_class = _read_json(pipeline / "metrics/per_class.json")
+    f1 = _read_json(pipeline / "plots/per_class_f1.json")
+    assert [r["class"] for r in f1] == ["bird", "cat", "dog"]
+    assert all(r["finetuned"] == per_class["finetuned"][r["class"]]["f1"] for r in f1)
+
+    for name in ("confusion_finetuned", "worst_misclassified"):
+        with Image.open(pipeline / f"plots/{name}.png") as image:
+            assert image.format == "PNG" and image.width > 100 and image.height > 100
+            assert not image.info.get("dpi") and "Software" not in image.info
+
+
+def test_model_card_describes_the_run(pipeline):
+    card = (pipeline / "reports/model_card.md").read_text(encoding="utf-8")
+    metrics = _read_json(pipeline / "metrics/evaluate.json")
+    report = _read_json(pipeline / "data/prepared/report.json")
+    assert card.startswith("# Model card: efficientnet_lite0 fine-tuned on 3 classes\n")
+    for label, counts in report["counts"].items():
+        row = f"| {label} | {counts['train']} | {counts['val']} | {counts['test']} |"
+        assert row in card
+    assert f"| fine-tuned | {metrics['finetuned']['accuracy']:.4f} |" in card
+    assert "| `finetune.unfreeze` | `1` |" in card and "| `head.epochs` | `3` |" in card
+    assert "| `backbone.weights` | `none` |" in card
+    _, meta = load_classifier(pipeline / "models/finetuned.pt")
+    assert f"| torch | {meta['environment']['packages']['torch']} |" in card
+    assert "## Most confused classes" in card and "## Calibration" in card
+
+
+def test_evaluate_rerun_is_byte_identical(pipeline, tmp_path):
+    """Same inputs, same outputs, byte for byte: the card, the JSON and the PNGs alike."""
+    import shutil
+
+    work = shutil.copytree(pipeline, tmp_path / "work")
+    outputs = EXPECTED_OUTPUTS[EXPECTED_OUTPUTS.index("metrics/evaluate.json") :]
+    assert "reports/model_card.md" in outputs and "plots/worst_misclassified.png" in outputs
+    before = {name: (work / name).read_bytes() for name in outputs}
+    for name in outputs:
+        (work / name).unlink()
+    run_stages(work, ["evaluate"])
+    changed = [name for name in outputs if (work / name).read_bytes() != before[name]]
+    assert changed == []

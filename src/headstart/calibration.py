@@ -84,6 +84,23 @@ def expected_calibration_error(
     )
 
 
+def reliability_records(
+    probabilities: np.ndarray, labels: np.ndarray, num_bins: int = NUM_BINS
+) -> list[dict[str, Any]]:
+    """The non-empty bins as DVC plot records {bin, confidence, accuracy, count}: a reliability
+    diagram (x confidence, y accuracy; a calibrated model lies on the diagonal)."""
+    return [
+        {
+            "bin": r["bin"],
+            "confidence": round(r["confidence"], 6),
+            "accuracy": round(r["accuracy"], 6),
+            "count": r["count"],
+        }
+        for r in reliability_bins(probabilities, labels, num_bins)
+        if r["count"]
+    ]
+
+
 def negative_log_likelihood(logits: np.ndarray, labels: np.ndarray, temperature: float) -> float:
     """Mean cross-entropy of softmax(logits / temperature) against the labels."""
     logits_t = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
@@ -115,16 +132,36 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, max_iter: int = 100)
     if not math.isfinite(temperature):
         raise ValueError("fit_temperature: the fit diverged (are all logits finite?)")
     if temperature < MIN_TEMPERATURE or temperature > MAX_TEMPERATURE:
-        # With no validation error at all the NLL keeps falling as T -> 0: the bound keeps the
-        # probabilities finite, but the validation split is too easy to calibrate on.
+        # With no validation error at all the NLL keeps falling as T -> 0; with predictions no
+        # better than chance it keeps falling as T grows. The bounds keep probabilities usable.
+        why = (
+            "too few validation errors to calibrate on"
+            if temperature < MIN_TEMPERATURE
+            else "validation predictions close to chance"
+        )
         log.warning(
-            "fitted temperature %.3g is outside [%g, %g]; clamped (too few validation errors "
-            "to calibrate on?)",
+            "fitted temperature %.3g is outside [%g, %g]; clamped (%s)",
             temperature,
             MIN_TEMPERATURE,
             MAX_TEMPERATURE,
+            why,
         )
     return min(max(temperature, MIN_TEMPERATURE), MAX_TEMPERATURE)
+
+
+def calibrate(val_logits: np.ndarray, val_labels: np.ndarray) -> tuple[float, dict[str, Any]]:
+    """Fit the temperature on validation logits; return it and what the fit did on val."""
+    temperature = round(fit_temperature(val_logits, val_labels), 6)  # as stored in the file
+    return temperature, {
+        "fitted_on": "validation split",
+        "val_images": int(len(val_labels)),
+        "val_nll_before": round(negative_log_likelihood(val_logits, val_labels, 1.0), 6),
+        "val_nll_after": round(negative_log_likelihood(val_logits, val_labels, temperature), 6),
+        "val_ece_before": round(expected_calibration_error(softmax(val_logits), val_labels), 6),
+        "val_ece_after": round(
+            expected_calibration_error(softmax(val_logits, temperature), val_labels), 6
+        ),
+    }
 
 
 def calibration_path(model_path: Path) -> Path:
@@ -149,6 +186,7 @@ def calibration_record(
     return {
         "format": CALIBRATION_FORMAT,
         "method": "temperature scaling" if fitted else "none (evaluate.calibrate: false)",
+        "fitted": bool(fitted),
         "temperature": round(float(temperature), 6),
         "model": {"path": Path(model_path).name, "sha256": sha256_file(model_path)},
         **summary,
