@@ -9,9 +9,11 @@ size, mean and std, and the resize (short side, bicubic) + centre crop that trai
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,18 +27,22 @@ EXPORT_FORMAT = 1
 
 
 class NormalisedClassifier(nn.Module):
-    """float (B, 3, S, S) in [0, 1] -> normalise -> Classifier -> softmax (B, num_classes)."""
+    """float (B, 3, S, S) in [0, 1] -> normalise -> Classifier -> softmax(logits / T).
 
-    def __init__(self, model: Classifier, mean, std):
+    T is the calibration temperature (headstart.calibration; 1.0 when uncalibrated).
+    """
+
+    def __init__(self, model: Classifier, mean, std, temperature: float = 1.0):
         super().__init__()
         self.model = model
+        self.temperature = float(temperature)
         # (1, 3, 1, 1) so they broadcast over the batch and the pixels.
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         logits = self.model((images - self.mean) / self.std)  # (B, num_classes)
-        return torch.softmax(logits, dim=1)
+        return torch.softmax(logits / self.temperature, dim=1)
 
 
 class AcceptUint8(nn.Module):
@@ -57,7 +63,7 @@ class AcceptUint8(nn.Module):
         return self.inner(images)
 
 
-def sidecar(meta: dict[str, Any]) -> dict[str, Any]:
+def sidecar(meta: dict[str, Any], temperature: float = 1.0) -> dict[str, Any]:
     """What a user of the TorchScript file needs, as plain JSON."""
     size = int(meta["image_size"])
     return {
@@ -81,15 +87,18 @@ def sidecar(meta: dict[str, Any]) -> dict[str, Any]:
         },
         "output": {
             "shape": ["B", len(meta["classes"])],
-            "meaning": "class probabilities (softmax), in the order of `classes`",
+            "meaning": "class probabilities, softmax(logits / temperature), in the order of "
+            "`classes`",
         },
+        # Fitted on the validation split by evaluate (evaluate.calibrate); 1.0: as trained.
+        "temperature": float(temperature),
     }
 
 
-def to_torchscript(model: Classifier, meta: dict[str, Any]) -> bytes:
+def to_torchscript(model: Classifier, meta: dict[str, Any], temperature: float = 1.0) -> bytes:
     """Trace the normalised classifier at the checkpoint's image size; return the file bytes."""
     size = int(meta["image_size"])
-    inner = NormalisedClassifier(model, meta["mean"], meta["std"]).eval().cpu()
+    inner = NormalisedClassifier(model, meta["mean"], meta["std"], temperature).eval().cpu()
     example = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))
     with warnings.catch_warnings():
         # "same" padding computed from the input shape becomes a constant: correct, because
@@ -116,3 +125,17 @@ def to_torchscript(model: Classifier, meta: dict[str, Any]) -> bytes:
         warnings.simplefilter("ignore", FutureWarning)
         torch.jit.save(scripted, buffer)
     return buffer.getvalue()
+
+
+def export_torchscript(model_path: Path, temperature: float = 1.0) -> tuple[bytes, dict[str, Any]]:
+    """The TorchScript bytes and the sidecar description for the checkpoint at `model_path`
+    (what `headstart export` and the export stage write; the caller writes atomically)."""
+    from headstart.calibration import sha256_file
+    from headstart.model import load_classifier
+
+    model, meta = load_classifier(model_path)
+    data = to_torchscript(model, meta, temperature)
+    description = sidecar(meta, temperature)
+    description["model_sha256"] = hashlib.sha256(data).hexdigest()
+    description["source"] = {"path": str(model_path), "sha256": sha256_file(model_path)}
+    return data, description
