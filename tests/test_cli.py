@@ -337,3 +337,26 @@ def load_rgb(path: Path):
     from headstart.images import decode_image
 
     return decode_image(path).image
+
+
+def test_export_bytes_do_not_depend_on_where_the_code_lives(checkpoint, tmp_path):
+    """Exports from two fresh processes in two folders are byte-identical and name no file of
+    this checkout or environment (the debug records that would are stripped), so the export
+    stage's DVC output has the same md5 in any clone. (Within one process a second export
+    differs: TorchScript numbers the classes it compiles, process-wide.)"""
+    import headstart
+
+    outs = []
+    for name in ("a", "b"):
+        folder = tmp_path / name
+        folder.mkdir()
+        command = [sys.executable, "-m", "headstart.cli", "export", str(checkpoint), "model.pt"]
+        result = subprocess.run(
+            command + ["--calibration", "none"], cwd=folder, capture_output=True, timeout=300
+        )
+        assert result.returncode == 0, result.stderr.decode()
+        outs.append((folder / "model.pt").read_bytes())
+    assert outs[0] == outs[1]
+    assert b".debug_pkl" not in outs[0]
+    assert str(Path(headstart.__file__).parent).encode() not in outs[0]
+    assert str(Path(torch.__file__).parent).encode() not in outs[0]

@@ -13,6 +13,7 @@ import hashlib
 import io
 import logging
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +125,28 @@ def to_torchscript(model: Classifier, meta: dict[str, Any], temperature: float =
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         torch.jit.save(scripted, buffer)
+    return strip_debug_info(buffer.getvalue())
+
+
+def strip_debug_info(data: bytes) -> bytes:
+    """The TorchScript archive without its `*.debug_pkl` records.
+
+    Those records map the compiled code back to Python source lines for error messages, and
+    name the source files by absolute path (this checkout, the environment's site-packages):
+    the same model exported from two folders would differ in bytes, and a DVC output with it.
+    torch.jit.load does not need them (pytorch/pytorch#123066). The archive is rewritten with
+    its other records in their order, stored uncompressed with a fixed date, so the bytes
+    depend only on the model.
+    """
+    source = zipfile.ZipFile(io.BytesIO(data))
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as target:
+        for info in source.infolist():
+            if info.filename.endswith(".debug_pkl"):
+                continue
+            record = zipfile.ZipInfo(info.filename, date_time=(1980, 1, 1, 0, 0, 0))
+            record.compress_type = zipfile.ZIP_STORED
+            target.writestr(record, source.read(info.filename))
     return buffer.getvalue()
 
 
