@@ -67,6 +67,11 @@ STAGE_ARGV = {
         "models/finetuned.calibration.json",
         "reports/model_card.md",
     ],
+    "export": [
+        "models/finetuned.pt",
+        "models/finetuned.calibration.json",
+        "models/finetuned.torchscript.pt",
+    ],
 }
 
 
@@ -80,7 +85,8 @@ def run_stages(work: Path, names: list[str]) -> None:
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory, image_folder_factory, params_factory, write_params) -> Path:
-    """Run prepare -> extract -> train_head -> finetune -> evaluate once in a fresh folder."""
+    """Run prepare -> extract -> train_head -> finetune -> evaluate -> export once in a fresh
+    folder."""
     work = tmp_path_factory.mktemp("pipeline")
     image_folder_factory(work / "images")
     write_params(work, params_factory())
@@ -110,6 +116,8 @@ EXPECTED_OUTPUTS = [
     "plots/worst_misclassified.png",
     "models/finetuned.calibration.json",
     "reports/model_card.md",
+    "models/finetuned.torchscript.pt",
+    "models/finetuned.torchscript.json",
 ]
 
 
@@ -344,11 +352,38 @@ def test_evaluate_rerun_is_byte_identical(pipeline, tmp_path):
     import shutil
 
     work = shutil.copytree(pipeline, tmp_path / "work")
-    outputs = EXPECTED_OUTPUTS[EXPECTED_OUTPUTS.index("metrics/evaluate.json") :]
-    assert "reports/model_card.md" in outputs and "plots/worst_misclassified.png" in outputs
+    first, last = (
+        EXPECTED_OUTPUTS.index("metrics/evaluate.json"),
+        EXPECTED_OUTPUTS.index("reports/model_card.md"),
+    )
+    outputs = EXPECTED_OUTPUTS[first : last + 1]
+    assert "plots/worst_misclassified.png" in outputs
     before = {name: (work / name).read_bytes() for name in outputs}
     for name in outputs:
         (work / name).unlink()
     run_stages(work, ["evaluate"])
     changed = [name for name in outputs if (work / name).read_bytes() != before[name]]
     assert changed == []
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
+def test_export_stage_applies_the_calibration(pipeline):
+    """The exported probabilities are the fine-tuned model's, at the fitted temperature."""
+    from headstart.data import eval_transform
+    from headstart.images import decode_image
+
+    calibration = _read_json(pipeline / "models/finetuned.calibration.json")
+    sidecar = _read_json(pipeline / "models/finetuned.torchscript.json")
+    assert sidecar["temperature"] == calibration["temperature"]
+    assert sidecar["classes"] == ["bird", "cat", "dog"] and sidecar["image_size"] == 32
+    rows = [r for r in _index_rows(pipeline / "data/prepared") if r["split"] == "test"]
+    images = [decode_image(pipeline / "images" / r["path"]).image for r in rows]
+    model, meta = load_classifier(pipeline / "models/finetuned.pt")
+    normalised = eval_transform(32, meta["mean"], meta["std"])
+    plain = eval_transform(32, [0.0] * 3, [1.0] * 3)  # [0, 1]: the export normalises inside
+    with torch.inference_mode():
+        logits = model(torch.stack([normalised(i) for i in images]))
+        expected = torch.softmax(logits / calibration["temperature"], dim=1)
+        exported = torch.jit.load(str(pipeline / "models/finetuned.torchscript.pt"))
+        got = exported(torch.stack([plain(i) for i in images]))
+    assert (got - expected).abs().max() < 1e-4
