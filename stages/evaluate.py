@@ -141,21 +141,25 @@ def main(argv: list[str] | None = None) -> None:
     ece = {
         name: round(expected_calibration_error(p, test_y), 6) for name, p in probabilities.items()
     }
-    calibration = calibration_record(
-        args.finetuned_model, temperature, params.evaluate.calibrate, fit_summary
-    )
-    write_json(args.calibration, calibration)
-
     metrics = {
         name: {"accuracy": r["accuracy"], "macro_f1": r["macro_f1"], "ece": ece[name]}
         for name, r in reports.items()
     }
-    metrics["finetuned"] |= {
-        "ece_calibrated": ece["calibrated"],
-        "temperature": calibration["temperature"],
-    }
+    metrics["finetuned"] |= {"ece_calibrated": ece["calibrated"], "temperature": temperature}
     metrics["test_images"] = int(len(test_y))
     write_json(args.metrics, metrics)
+    fingerprint = data_fingerprint(prepared.rows)
+    # Beside the model: the temperature predict and export apply, and (for `headstart info`)
+    # what this evaluation measured on which data.
+    calibration = calibration_record(
+        args.finetuned_model,
+        temperature,
+        params.evaluate.calibrate,
+        fit_summary
+        | {"test": metrics["finetuned"] | {"images": metrics["test_images"]}}
+        | {"data_fingerprint": fingerprint},
+    )
+    write_json(args.calibration, calibration)
     # Which machine and software computed each step of this result (see headstart.environment).
     environment = {
         "extract": read_json(args.features_dir / "meta.json").get("environment"),
@@ -211,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
             },
             data={
                 "dir": str(args.data_dir),
-                "fingerprint": data_fingerprint(prepared.rows),
+                "fingerprint": fingerprint,
                 "report": prepared.report,
             },
             metrics=metrics,

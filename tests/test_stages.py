@@ -387,3 +387,21 @@ def test_export_stage_applies_the_calibration(pipeline):
         exported = torch.jit.load(str(pipeline / "models/finetuned.torchscript.pt"))
         got = exported(torch.stack([plain(i) for i in images]))
     assert (got - expected).abs().max() < 1e-4
+
+
+def test_info_shows_the_evaluation_beside_the_model(pipeline, capsys):
+    """`headstart info` on the pipeline's model: test metrics, data fingerprint, temperature
+    and environment, from the checkpoint and the calibration file evaluate wrote."""
+    from headstart.cli import main
+    from headstart.report import data_fingerprint
+
+    assert main(["info", str(pipeline / "models/finetuned.pt"), "--format", "json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    metrics = _read_json(pipeline / "metrics/evaluate.json")
+    evaluation = info["calibration"]
+    assert evaluation["temperature"] == metrics["finetuned"]["temperature"]
+    assert evaluation["test"]["accuracy"] == metrics["finetuned"]["accuracy"]
+    assert evaluation["test"]["images"] == metrics["test_images"]
+    rows = _index_rows(pipeline / "data/prepared")
+    assert evaluation["data_fingerprint"] == data_fingerprint(rows)
+    assert info["environment"]["device"] == "cpu"

@@ -305,16 +305,26 @@ def model_info(path: Path) -> dict[str, Any]:
 
 
 def _calibration_info(path: Path) -> dict[str, Any]:
-    """The calibration file beside the model, if any: its temperature and whether it fits."""
+    """The calibration file evaluate writes beside the model, if any and if it belongs to this
+    version of the model: the temperature, the test metrics and the data fingerprint."""
     from headstart.calibration import calibration_path, read_temperature
+    from headstart.io import read_json
 
     calibration = calibration_path(path)
     if not calibration.is_file():
         return {"file": None, "temperature": 1.0}
     try:
-        return {"file": str(calibration), "temperature": read_temperature(calibration, path)}
+        temperature = read_temperature(calibration, path)
     except (ValueError, KeyError) as error:
         return {"file": str(calibration), "temperature": None, "error": str(error)}
+    record = read_json(calibration)
+    # Written by evaluate: the test metrics and the data they were measured on.
+    return {
+        "file": str(calibration),
+        "temperature": temperature,
+        "test": record.get("test", {}),
+        "data_fingerprint": record.get("data_fingerprint"),
+    }
 
 
 def _flatten(prefix: str, value: Any) -> list[tuple[str, Any]]:
