@@ -405,3 +405,21 @@ def test_info_shows_the_evaluation_beside_the_model(pipeline, capsys):
     rows = _index_rows(pipeline / "data/prepared")
     assert evaluation["data_fingerprint"] == data_fingerprint(rows)
     assert info["environment"]["device"] == "cpu"
+
+
+def test_evaluate_without_calibration(pipeline, tmp_path, params_dict, write_params):
+    """evaluate.calibrate: false: temperature 1.0 everywhere, so predict changes nothing."""
+    import shutil
+
+    work = shutil.copytree(pipeline, tmp_path / "work")
+    params_dict["evaluate"]["calibrate"] = False
+    write_params(work, params_dict)
+    run_stages(work, ["evaluate"])
+    metrics = _read_json(work / "metrics/evaluate.json")
+    assert metrics["finetuned"]["temperature"] == 1.0
+    assert metrics["finetuned"]["ece_calibrated"] == metrics["finetuned"]["ece"]
+    calibration = _read_json(work / "models/finetuned.calibration.json")
+    assert calibration["fitted"] is False and calibration["temperature"] == 1.0
+    assert "val_images" not in calibration  # no validation pass was made
+    card = (work / "reports/model_card.md").read_text(encoding="utf-8")
+    assert "No temperature fitted (`evaluate.calibrate: false`)" in card
