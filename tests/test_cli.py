@@ -6,6 +6,7 @@ import csv
 import hashlib
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -340,23 +341,31 @@ def load_rgb(path: Path):
 
 
 def test_export_bytes_do_not_depend_on_where_the_code_lives(checkpoint, tmp_path):
-    """Exports from two fresh processes in two folders are byte-identical and name no file of
-    this checkout or environment (the debug records that would are stripped), so the export
-    stage's DVC output has the same md5 in any clone. (Within one process a second export
-    differs: TorchScript numbers the classes it compiles, process-wide.)"""
+    """Exports by two fresh processes running two copies of the package, in two folders, are
+    byte-identical and name no file of this checkout or environment, so the export stage's DVC
+    output has the same md5 in any clone. (The debug records TorchScript writes name source
+    files by absolute path; they are stripped. Within one process a second export differs:
+    TorchScript numbers the classes it compiles, process-wide.)"""
+    import shutil
+
     import headstart
 
+    package = Path(headstart.__file__).parent
     outs = []
-    for name in ("a", "b"):
+    for name in ("a", "copy_b"):
         folder = tmp_path / name
-        folder.mkdir()
+        shutil.copytree(package, folder / "src" / "headstart")
         command = [sys.executable, "-m", "headstart.cli", "export", str(checkpoint), "model.pt"]
         result = subprocess.run(
-            command + ["--calibration", "none"], cwd=folder, capture_output=True, timeout=300
+            command + ["--calibration", "none"],
+            cwd=folder,
+            env={**os.environ, "PYTHONPATH": str(folder / "src")},
+            capture_output=True,
+            timeout=300,
         )
         assert result.returncode == 0, result.stderr.decode()
         outs.append((folder / "model.pt").read_bytes())
     assert outs[0] == outs[1]
     assert b".debug_pkl" not in outs[0]
-    assert str(Path(headstart.__file__).parent).encode() not in outs[0]
+    assert str(package).encode() not in outs[0] and str(tmp_path).encode() not in outs[0]
     assert str(Path(torch.__file__).parent).encode() not in outs[0]

@@ -134,19 +134,31 @@ def strip_debug_info(data: bytes) -> bytes:
     Those records map the compiled code back to Python source lines for error messages, and
     name the source files by absolute path (this checkout, the environment's site-packages):
     the same model exported from two folders would differ in bytes, and a DVC output with it.
-    torch.jit.load does not need them (pytorch/pytorch#123066). The archive is rewritten with
-    its other records in their order, stored uncompressed with a fixed date, so the bytes
-    depend only on the model.
+    torch.jit.load does not need them (pytorch/pytorch#123066). The archive's
+    `.data/serialization_id` is computed by torch from the CRCs of every record, the debug ones
+    included, so it is recomputed from what remains. The archive is rewritten with its records
+    in their order, stored uncompressed with a fixed date, so the bytes depend only on the model.
     """
     source = zipfile.ZipFile(io.BytesIO(data))
+    kept = [
+        (info.filename, source.read(info.filename))
+        for info in source.infolist()
+        if not info.filename.endswith(".debug_pkl")
+    ]
+    digest = hashlib.sha256()
+    for name, content in kept:
+        if not name.endswith("/.data/serialization_id"):
+            digest.update(name.encode("utf-8") + b"\0" + content)
+    # torch's id is a decimal string (two concatenated 64-bit numbers); 40 digits here too.
+    serialization_id = f"{int.from_bytes(digest.digest()[:16], 'big'):040d}".encode("ascii")
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as target:
-        for info in source.infolist():
-            if info.filename.endswith(".debug_pkl"):
-                continue
-            record = zipfile.ZipInfo(info.filename, date_time=(1980, 1, 1, 0, 0, 0))
+        for name, content in kept:
+            if name.endswith("/.data/serialization_id"):
+                content = serialization_id
+            record = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
             record.compress_type = zipfile.ZIP_STORED
-            target.writestr(record, source.read(info.filename))
+            target.writestr(record, content)
     return buffer.getvalue()
 
 
