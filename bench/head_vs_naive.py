@@ -26,7 +26,15 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from headstart.backbones import BACKBONES, build_backbone
 from headstart.data import eval_transform, image_loader, load_prepared, resolve_image_size
-from headstart.model import Classifier, seed_everything, set_trainable, train_mode
+from headstart.model import (
+    Classifier,
+    precision_name,
+    resolve_precision,
+    seed_everything,
+    set_threads,
+    set_trainable,
+    train_mode,
+)
 from headstart.params import load_params
 from headstart.train import fit, run_inference
 
@@ -43,13 +51,16 @@ def main() -> None:
     spec = BACKBONES[params.backbone.name]
     size = resolve_image_size(params.backbone.image_size, spec, prepared.report)
     transform = eval_transform(size, spec.mean, spec.std)
+    set_threads(params.compute.threads)
     device = torch.device("cpu")
+    precision = resolve_precision(params.compute.precision, device)  # both sides alike
     head = params.head
     fit_options = {
         "epochs": args.epochs,
         "patience": args.epochs,  # no early stop: both sides run every epoch
         "label_smoothing": head.label_smoothing,
         "device": device,
+        "precision": precision,
     }
 
     def images(split: str) -> DataLoader:
@@ -58,6 +69,7 @@ def main() -> None:
             prepared.split(split),
             prepared.class_to_index,
             transform,
+            decode_size=size,
             batch_size=params.compute.batch_size,
             num_workers=params.compute.num_workers,
         )
@@ -69,13 +81,13 @@ def main() -> None:
     backbone = build_backbone(params.backbone.name, params.backbone.weights)
     print(
         f"{len(prepared.rows)} images, {params.backbone.name} at {size} px, "
-        f"{args.epochs} epochs, {torch.get_num_threads()} threads"
+        f"{args.epochs} epochs, {torch.get_num_threads()} threads, {precision_name(precision)}"
     )
 
     # Cached: extract once, then train the head on feature vectors.
     start = time.perf_counter()
     features = {
-        s: run_inference(backbone, images(s), device, desc=f"extract {s}")
+        s: run_inference(backbone, images(s), device, desc=f"extract {s}", precision=precision)
         for s in ("train", "val", "test")
     }
     extract_s = time.perf_counter() - start
@@ -123,6 +135,7 @@ def main() -> None:
         prepared.split("train"),
         prepared.class_to_index,
         transform,
+        decode_size=size,
         batch_size=head.batch_size,
         num_workers=params.compute.num_workers,
         shuffle=True,
@@ -137,7 +150,9 @@ def main() -> None:
         desc="usual loop",
         **fit_options,
     )
-    logits, labels = run_inference(model, images("test"), device, desc="usual test")
+    logits, labels = run_inference(
+        model, images("test"), device, desc="usual test", precision=precision
+    )
     naive_s = time.perf_counter() - start
     naive_accuracy = float((logits.argmax(1) == labels).mean())
 

@@ -41,7 +41,7 @@ from headstart.metrics import (
     per_class_f1_records,
     worst_misclassified,
 )
-from headstart.model import load_classifier, load_head, resolve_device
+from headstart.model import load_classifier, load_head, resolve_device, set_threads
 from headstart.params import load_params
 from headstart.report import data_fingerprint, render_model_card
 from headstart.stage import run
@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     params = load_params()
     compute = params.compute
-    device = resolve_device(compute.device)
+    set_threads(compute.threads)
+    device = resolve_device(compute.device)  # float32, whatever compute.precision: as predict
 
     prepared = load_prepared(args.data_dir, args.prepared_dir)
     classes = prepared.classes
@@ -96,6 +97,7 @@ def main(argv: list[str] | None = None) -> None:
         prepared.split("test"),
         prepared.class_to_index,
         eval_transform(meta["image_size"], meta["mean"], meta["std"]),
+        decode_size=meta["image_size"],
         batch_size=compute.batch_size,
         num_workers=compute.num_workers,
     )
@@ -123,6 +125,7 @@ def main(argv: list[str] | None = None) -> None:
                 prepared.split("val"),
                 prepared.class_to_index,
                 eval_transform(meta["image_size"], meta["mean"], meta["std"]),
+                decode_size=meta["image_size"],
                 batch_size=compute.batch_size,
                 num_workers=compute.num_workers,
             ),

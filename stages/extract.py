@@ -4,22 +4,24 @@
 
 Writes FEATURES_DIR/{train,val,test}_features.npy (N, D) float32 pooled pre-logits features,
 FEATURES_DIR/{split}_labels.npy (N,) int64 class indices, and FEATURES_DIR/meta.json (backbone,
-input size, preprocessing, classes). Eval mode, inference mode, no augmentation.
-Reads params: backbone, compute.
+input size, preprocessing, classes, environment). Eval mode, inference mode, no augmentation;
+autocast at compute.precision, features stored as float32. Reads params: backbone, compute.
 """
 
 import argparse
 import logging
 from pathlib import Path
 
+import numpy as np
+
 from headstart.backbones import BACKBONES, build_backbone
 from headstart.data import SPLITS, eval_transform, image_loader, load_prepared, resolve_image_size
 from headstart.environment import describe
-from headstart.io import atomic_dir, write_array, write_json
-from headstart.model import resolve_device
+from headstart.io import ArrayWriter, atomic_dir, write_json
+from headstart.model import precision_name, resolve_device, resolve_precision, set_threads
 from headstart.params import as_dict, load_params
 from headstart.stage import run
-from headstart.train import run_inference
+from headstart.train import iter_inference
 
 log = logging.getLogger("headstart.extract")
 
@@ -36,9 +38,18 @@ def main(argv: list[str] | None = None) -> None:
     spec = BACKBONES[params.backbone.name]
     size = resolve_image_size(params.backbone.image_size, spec, prepared.report)
     backbone = build_backbone(params.backbone.name, params.backbone.weights)
+    set_threads(params.compute.threads)
     device = resolve_device(params.compute.device)
+    precision = resolve_precision(params.compute.precision, device)
     transform = eval_transform(size, spec.mean, spec.std)
-    log.info("extracting %d images at %dx%d px on %s", len(prepared.rows), size, size, device)
+    log.info(
+        "extracting %d images at %dx%d px on %s (%s)",
+        len(prepared.rows),
+        size,
+        size,
+        device,
+        precision_name(precision),
+    )
 
     with atomic_dir(args.features_dir) as out:
         for split in SPLITS:
@@ -47,18 +58,28 @@ def main(argv: list[str] | None = None) -> None:
                 prepared.split(split),
                 prepared.class_to_index,
                 transform,
+                decode_size=size,
                 batch_size=params.compute.batch_size,
                 num_workers=params.compute.num_workers,
             )
-            features, labels = run_inference(
-                backbone,
-                loader,
-                device,
-                desc=f"extract {split}",
-                batch_size_key="compute.batch_size",
-            )
-            write_array(out / f"{split}_features.npy", features)  # (N, D) float32
-            write_array(out / f"{split}_labels.npy", labels)  # (N,) int64
+            # Streamed to disk batch by batch: memory does not grow with the number of images.
+            rows = len(loader.dataset)
+            with (
+                ArrayWriter(
+                    out / f"{split}_features.npy", (rows, backbone.num_features), np.float32
+                ) as features,
+                ArrayWriter(out / f"{split}_labels.npy", (rows,), np.int64) as labels,
+            ):
+                for batch_features, batch_labels in iter_inference(
+                    backbone,
+                    loader,
+                    device,
+                    desc=f"extract {split}",
+                    batch_size_key="compute.batch_size",
+                    precision=precision,
+                ):
+                    features.write(batch_features)
+                    labels.write(batch_labels)
         write_json(
             out / "meta.json",
             {
@@ -68,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
                 "std": list(spec.std),
                 "num_features": backbone.num_features,
                 "classes": prepared.classes,
-                "environment": describe(device),
+                "environment": describe(device, precision),
             },
         )
 

@@ -5,14 +5,21 @@
 Linear probe, then fine-tune (LP-FT): the head starts from train_head's weights, the top
 `finetune.unfreeze` blocks train at `lr_backbone` (smaller than the head's), the rest stays
 frozen in eval mode; with `bn: frozen` every BatchNorm keeps its pretrained statistics. Early
-stopping on val accuracy; the best epoch is kept. Reads params: backbone, compute, finetune.
+stopping on val accuracy; the best epoch is kept. With `augment: none` the frozen blocks' output
+is computed once and cached (a temporary memory-mapped file), and epochs run only the top
+blocks; with augmentation every epoch runs the whole backbone. Autocast at compute.precision,
+weights kept in float32. Reads params: backbone, compute (all but batch_size), finetune.
 """
 
 import argparse
+import contextlib
 import logging
+import shutil
+import tempfile
 from pathlib import Path
 
 from dvclive import Live
+from torch.utils.data import DataLoader
 
 from headstart.backbones import build_backbone
 from headstart.data import eval_transform, image_loader, load_prepared, train_transform
@@ -21,16 +28,23 @@ from headstart.io import load_checkpoint, save_checkpoint
 from headstart.model import (
     Classifier,
     param_groups,
+    precision_name,
     resolve_device,
+    resolve_precision,
     seed_everything,
+    set_threads,
     set_trainable,
+    split_at_cut,
     train_mode,
 )
 from headstart.params import as_dict, load_params
 from headstart.stage import run
-from headstart.train import fit, live_logger
+from headstart.train import cache_activations, fit, live_logger
 
 log = logging.getLogger("headstart.finetune")
+# The cached activations' temporary folder, next to the model; removed on exit, and at the next
+# start if a killed run left it.
+SCRATCH_PREFIX = ".finetune-activations-"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -49,6 +63,10 @@ def main(argv: list[str] | None = None) -> None:
             f"{args.head_model}: trained for classes {head_meta['classes']}, but the prepared "
             f"data has {prepared.classes}; rerun extract and train_head (dvc repro)"
         )
+    set_threads(params.compute.threads)
+    device = resolve_device(params.compute.device)
+    precision = resolve_precision(params.compute.precision, device)
+    log.info("fine-tuning on %s (%s)", device, precision_name(precision))
     generator = seed_everything(ft.seed)
     model = Classifier(
         build_backbone(params.backbone.name, params.backbone.weights), len(prepared.classes)
@@ -58,30 +76,71 @@ def main(argv: list[str] | None = None) -> None:
     groups = param_groups(model, ft.lr_head, ft.lr_backbone, ft.weight_decay)
 
     size, mean, std = features["image_size"], features["mean"], features["std"]
-    loader_options = {"batch_size": ft.batch_size, "num_workers": params.compute.num_workers}
-    train = image_loader(
-        args.data_dir,
-        prepared.split("train"),
-        prepared.class_to_index,
-        train_transform(size, mean, std, ft.augment),
-        shuffle=True,
-        generator=generator,
-        **loader_options,
-    )
-    val = image_loader(
-        args.data_dir,
-        prepared.split("val"),
-        prepared.class_to_index,
-        eval_transform(size, mean, std),
-        **loader_options,
-    )
+    loader_options = {
+        "decode_size": size,
+        "batch_size": ft.batch_size,
+        "num_workers": params.compute.num_workers,
+    }
 
-    device = resolve_device(params.compute.device)
-    with Live(str(args.live_dir), save_dvc_exp=False, dvcyaml=None) as live:
+    def images(split: str, transform, **options) -> DataLoader:
+        rows = prepared.split(split)
+        return image_loader(
+            args.data_dir, rows, prepared.class_to_index, transform, **loader_options, **options
+        )
+
+    with contextlib.ExitStack() as stack:
+        if ft.augment == "none" and ft.unfreeze < len(model.backbone.blocks):
+            # Without pixel-level augmentation the frozen lower blocks compute the same
+            # activations every epoch: compute them once, train the top blocks on them.
+            log.info(
+                "augment none: caching the activations below the top %d blocks once; "
+                "epochs run only the top blocks",
+                ft.unfreeze,
+            )
+            bottom, trainee = split_at_cut(model, ft.unfreeze)
+            parent = args.finetuned_model.parent
+            parent.mkdir(parents=True, exist_ok=True)
+            for orphan in parent.glob(f"{SCRATCH_PREFIX}*"):  # left by a killed run
+                shutil.rmtree(orphan, ignore_errors=True)
+            scratch = Path(
+                stack.enter_context(tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX, dir=parent))
+            )
+            cached = {
+                split: cache_activations(
+                    bottom,
+                    images(split, eval_transform(size, mean, std)),
+                    device,
+                    scratch / f"{split}.npy",
+                    desc=f"cache {split} activations",
+                    batch_size_key="finetune.batch_size",
+                    precision=precision,
+                )
+                for split in ("train", "val")
+            }
+            train = DataLoader(
+                cached["train"], batch_size=ft.batch_size, shuffle=True, generator=generator
+            )
+            val = DataLoader(cached["val"], batch_size=ft.batch_size)
+        else:
+            log.info(
+                "augment %s, unfreeze %d of %d blocks: every epoch runs the whole backbone",
+                ft.augment,
+                ft.unfreeze,
+                len(model.backbone.blocks),
+            )
+            trainee = model
+            train = images(
+                "train",
+                train_transform(size, mean, std, ft.augment),
+                shuffle=True,
+                generator=generator,
+            )
+            val = images("val", eval_transform(size, mean, std))
+        live = stack.enter_context(Live(str(args.live_dir), save_dvc_exp=False, dvcyaml=None))
         on_epoch = live_logger(live)
 
         result = fit(
-            model,
+            trainee,
             train,
             val,
             groups,
@@ -89,10 +148,11 @@ def main(argv: list[str] | None = None) -> None:
             patience=ft.patience,
             label_smoothing=ft.label_smoothing,
             device=device,
-            train_mode=lambda m: train_mode(m, frozen, ft.bn),
+            train_mode=lambda _: train_mode(model, frozen, ft.bn),
             on_epoch=on_epoch,
             desc="finetune",
             batch_size_key="finetune.batch_size",
+            precision=precision,
         )
         live.summary.update(
             {"best_epoch": result.best_epoch, "best_val_accuracy": result.best_val_accuracy}
@@ -111,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
             "classes": prepared.classes,
             "params": {"backbone": as_dict(params.backbone), "finetune": as_dict(ft)},
             "summary": {"best_epoch": result.best_epoch, "val_accuracy": result.best_val_accuracy},
-            "environment": describe(device),
+            "environment": describe(device, precision),
         },
     )
     log.info("fine-tuned model saved to %s", args.finetuned_model)

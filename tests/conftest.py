@@ -85,7 +85,13 @@ def valid_params() -> dict:
     return {
         "data": {"dir": "images", "val_fraction": 0.15, "test_fraction": 0.15, "seed": 42},
         "backbone": {"name": "efficientnet_lite0", "weights": "none", "image_size": 32},
-        "compute": {"device": "cpu", "num_workers": 0, "batch_size": 16},
+        "compute": {
+            "device": "cpu",
+            "num_workers": 0,
+            "batch_size": 16,
+            "precision": "auto",
+            "threads": "auto",
+        },
         "head": {
             "kind": "linear",
             "lr": 1.0e-2,

@@ -69,7 +69,7 @@ def reference_probabilities(checkpoint: Path, root: Path, paths: list[str]) -> n
     model, meta = load_classifier(checkpoint)
     transform = eval_transform(meta["image_size"], meta["mean"], meta["std"])
     loader = torch.utils.data.DataLoader(
-        ImageDataset(root, paths, [0] * len(paths), transform), batch_size=8
+        ImageDataset(root, paths, [0] * len(paths), transform, meta["image_size"]), batch_size=8
     )
     logits, _ = run_inference(model, loader, torch.device("cpu"))
     return torch.softmax(torch.from_numpy(logits), dim=1).numpy()
@@ -112,7 +112,9 @@ def test_predictions_match_run_inference(checkpoint, image_folder, capsys):
     expected = reference_probabilities(checkpoint, image_folder, paths)
     # Not degenerate: probabilities differ between images and are far from uniform.
     assert expected.std(0).max() > 0.05 and expected.max() > 0.6
-    np.testing.assert_allclose(got, expected, atol=1e-6)
+    # Same preprocessing and model; channels-last convolutions pick kernels by batch shape, so
+    # the last float digits may differ between predict's batches and these (1e-6 seen).
+    np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
 def test_csv_and_table_shapes(checkpoint, image_folder, capsys):

@@ -463,3 +463,14 @@ def test_outputs_get_normal_permissions(tmp_path):
     assert stat.S_IMODE((tmp_path / "m.json").stat().st_mode) == 0o644
     assert stat.S_IMODE((tmp_path / "folder").stat().st_mode) == 0o755
     assert stat.S_IMODE((tmp_path / "folder" / "inner.json").stat().st_mode) == 0o644
+
+
+def test_a_successful_stage_reports_its_time_and_peak_memory(stage_run, caplog):
+    def allocate(argv):
+        buffer = bytearray(64 << 20)  # 64 MiB, touched
+        buffer[::4096] = b"x" * len(buffer[::4096])
+
+    assert stage_run(allocate, []) == (0, [])
+    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("done in")]
+    peak = float(line.split("peak memory ")[1].split(" MiB")[0])
+    assert peak >= 64

@@ -389,7 +389,9 @@ def test_loader_error_names_the_file_that_broke_after_indexing(tmp_path, damage)
         broken.unlink()
 
     transform = eval_transform(12, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-    loader = image_loader(root, rows, {"cat": 0, "dog": 1}, transform, batch_size=2, num_workers=2)
+    loader = image_loader(
+        root, rows, {"cat": 0, "dog": 1}, transform, decode_size=12, batch_size=2, num_workers=2
+    )
     batches, message = [], None
     try:
         for images_batch, labels in loader:
@@ -416,9 +418,37 @@ def test_dataset_error_names_the_file_in_the_main_process(tmp_path):
         [{"path": "cat/bad.png", "label": "cat"}],
         {"cat": 0},
         lambda x: x,
+        decode_size=8,
         batch_size=1,
         num_workers=0,
     )
     with pytest.raises(RuntimeError) as caught:
         next(iter(loader))
     assert f"{root / 'cat' / 'bad.png'}: cannot decode or transform image" in str(caught.value)
+
+
+@pytest.mark.parametrize("min_side", [96, 150, 224, 301])
+def test_large_jpegs_decode_at_reduced_scale_never_below_min_side(tmp_path, min_side):
+    """1/2, 1/4 or 1/8 scale while both sides stay >= min_side; close to a full decode."""
+    path = tmp_path / "photo.jpg"
+    pixels = np.asarray(noisy_rgb((40, 30), seed=3).resize((800, 600), Image.BICUBIC))
+    Image.fromarray(pixels).save(path, quality=92)
+    full = decode_image(path).image
+    reduced = decode_image(path, min_side).image
+    assert full.size == (800, 600)
+    scale = {96: 4, 150: 4, 224: 2, 301: 1}[min_side]  # the largest that keeps 600 / s >= side
+    assert reduced.size == (800 // scale, 600 // scale)
+    assert min(reduced.size) >= min_side
+    transform = eval_transform(min_side, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    difference = (transform(full) - transform(reduced)).abs().mean().item() * 0.5 * 255
+    assert difference < 2.0  # mean absolute difference in 0-255 pixel levels
+
+
+def test_reduced_scale_leaves_small_jpegs_and_pngs_alone(tmp_path):
+    image = noisy_rgb((120, 90), seed=4)
+    image.save(tmp_path / "small.jpg", quality=92)
+    image.save(tmp_path / "large.png")
+    assert decode_image(tmp_path / "small.jpg", 96).image.size == (120, 90)  # < 2x: full
+    png = image.resize((800, 600))
+    png.save(tmp_path / "large.png")
+    assert decode_image(tmp_path / "large.png", 96).image.size == (800, 600)  # PNG: full

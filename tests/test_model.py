@@ -12,16 +12,28 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from headstart.backbones import build_backbone, load_state_dict_file
-from headstart.io import atomic_path, load_checkpoint, save_checkpoint, write_json
+from headstart.io import (
+    ArrayWriter,
+    atomic_path,
+    load_checkpoint,
+    open_array,
+    save_checkpoint,
+    write_array,
+    write_json,
+)
 from headstart.model import (
     Classifier,
+    cpu_has_native_bf16,
     load_classifier,
     load_head,
     param_groups,
+    resolve_precision,
+    set_threads,
     set_trainable,
+    split_at_cut,
     train_mode,
 )
-from headstart.train import fit, fit_logreg, run_inference
+from headstart.train import cache_activations, fit, fit_logreg, run_inference
 
 BACKBONE_NAMES = ["efficientnet_lite0", "resnet18", "mobilenet_v3_small", "convnext_tiny"]
 # Families with BatchNorm (ConvNeXt uses LayerNorm).
@@ -484,3 +496,135 @@ def test_checkpoint_bytes_do_not_depend_on_the_file_name(tmp_path):
     save_checkpoint(first, head.state_dict(), {"kind": "head", "classes": ["x", "y", "z"]})
     save_checkpoint(second, head.state_dict(), {"kind": "head", "classes": ["x", "y", "z"]})
     assert first.read_bytes() == second.read_bytes()
+
+
+def test_precision_resolution():
+    assert resolve_precision("float32", CPU) is None
+    assert resolve_precision("bfloat16", CPU) is torch.bfloat16
+    assert resolve_precision("float16", CPU) is torch.float16
+    # auto: bfloat16 on CPUs with native support, float32 on the others.
+    assert resolve_precision("auto", CPU) is (torch.bfloat16 if cpu_has_native_bf16() else None)
+
+
+def test_set_threads():
+    before = torch.get_num_threads()
+    try:
+        set_threads(1)
+        assert torch.get_num_threads() == 1
+        set_threads("auto")  # leaves the count alone
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_bfloat16_autocast_trains_and_keeps_float32_weights():
+    """The fast path: a conv net trained and run under bfloat16 autocast, channels-last.
+    Weights stay float32; outputs come back float32 and close to a float32 run."""
+    torch.manual_seed(0)
+    model = Classifier(build_backbone("resnet18", "none"), NUM_CLASSES)
+    set_trainable(model, 1)
+    images = torch.randn(16, 3, 32, 32)
+    labels = torch.arange(16) % NUM_CLASSES
+    batches = DataLoader(TensorDataset(images, labels), batch_size=8)
+    reference, _ = run_inference(model, batches, CPU)
+    fast, _ = run_inference(model, batches, CPU, precision=torch.bfloat16)
+    assert fast.dtype == np.float32
+    assert np.abs(fast - reference).max() < 0.05 * np.abs(reference).max() + 0.05
+    result = fit(
+        model,
+        batches,
+        batches,
+        param_groups(model, 1e-2, 1e-3, 0.0),
+        epochs=3,
+        patience=3,
+        label_smoothing=0.0,
+        device=CPU,
+        precision=torch.bfloat16,
+    )
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+
+
+def test_open_array_writes_the_bytes_np_save_writes(tmp_path):
+    """Features streamed into a memory-mapped .npy are byte-identical to np.save's file."""
+    values = np.random.default_rng(0).standard_normal((37, 5)).astype(np.float32)
+    streamed = open_array(tmp_path / "streamed.npy", values.shape, np.float32)
+    for start in range(0, len(values), 8):
+        streamed[start : start + 8] = values[start : start + 8]
+    streamed.flush()
+    del streamed
+    write_array(tmp_path / "saved.npy", values)
+    assert (tmp_path / "streamed.npy").read_bytes() == (tmp_path / "saved.npy").read_bytes()
+
+
+@pytest.mark.parametrize(("name", "unfreeze"), [("resnet18", 1), ("efficientnet_lite0", 3)])
+def test_split_at_cut_composes_to_the_model_and_shares_its_weights(name, unfreeze):
+    torch.manual_seed(0)
+    model = Classifier(build_backbone(name, "none"), NUM_CLASSES).eval()
+    bottom, top = split_at_cut(model, unfreeze)
+    images = torch.randn(4, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(top(bottom(images)), model(images))
+    shared = {id(p) for p in model.parameters()}
+    assert {id(p) for p in top.parameters()} | {id(p) for p in bottom.parameters()} == shared
+    top_blocks = list(model.backbone.blocks)[len(model.backbone.blocks) - unfreeze :]
+    assert list(top.blocks) == top_blocks
+
+
+def test_fine_tuning_from_cached_activations_matches_the_full_path(tmp_path):
+    """Without augmentation, training the top blocks on activations cached once at the cut is
+    the same computation as running the whole backbone every epoch: same batches in the same
+    order (one seeded generator), same weights at the end up to float rounding."""
+    images = torch.randn(48, 3, 32, 32)
+    labels = torch.arange(48) % NUM_CLASSES
+    options = {"epochs": 3, "patience": 3, "label_smoothing": 0.1, "device": CPU}
+
+    def trained(cached: bool) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model = Classifier(build_backbone("resnet18", "none"), NUM_CLASSES)
+        frozen = set_trainable(model, 1)
+        groups = param_groups(model, 1e-2, 1e-3, 1e-4)
+        dataset = TensorDataset(images, labels)
+        if cached:
+            bottom, trainee = split_at_cut(model, 1)
+            ordered = DataLoader(dataset, batch_size=16)
+            dataset = cache_activations(bottom, ordered, CPU, tmp_path / "a.npy", "cache")
+            assert dataset.tensors[0].shape == (48, 256, 2, 2)  # resnet18's layer3 at 32 px
+        else:
+            trainee = model
+        train = DataLoader(dataset, 16, shuffle=True, generator=torch.Generator().manual_seed(0))
+        val = DataLoader(dataset, 16)
+        fit(
+            trainee,
+            train,
+            val,
+            groups,
+            train_mode=lambda _: train_mode(model, frozen, "frozen"),
+            **options,
+        )
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+    full, cached = trained(cached=False), trained(cached=True)
+    assert any(not torch.equal(full[k], v) for k, v in _initial_resnet18().items())
+    for key, value in full.items():
+        torch.testing.assert_close(cached[key], value, atol=1e-4, rtol=1e-4, msg=key)
+
+
+def _initial_resnet18() -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    return Classifier(build_backbone("resnet18", "none"), NUM_CLASSES).state_dict()
+
+
+def test_array_writer_writes_the_bytes_np_save_writes(tmp_path):
+    values = np.random.default_rng(1).standard_normal((37, 5)).astype(np.float32)
+    with ArrayWriter(tmp_path / "written.npy", values.shape, np.float32) as out:
+        for start in range(0, len(values), 8):
+            out.write(values[start : start + 8])
+    write_array(tmp_path / "saved.npy", values)
+    assert (tmp_path / "written.npy").read_bytes() == (tmp_path / "saved.npy").read_bytes()
+    with pytest.raises(ValueError, match="36 rows written, 37 expected"):
+        with ArrayWriter(tmp_path / "short.npy", values.shape, np.float32) as out:
+            out.write(values[:36])
+    with pytest.raises(ValueError, match="do not fit"):
+        with ArrayWriter(tmp_path / "wide.npy", (3, 4), np.float32) as out:
+            out.write(values[:3])

@@ -75,6 +75,7 @@ def _set(mapping: dict, dotted: str, value) -> dict:
         ("finetune.augment", 1),
         ("evaluate.calibrate", "yes"),
         ("evaluate.calibrate", 1),
+        ("compute.threads", 2.0),
     ],
 )
 def test_wrong_type_names_the_key(params_dict, key, value):
@@ -96,6 +97,9 @@ def test_wrong_type_names_the_key(params_dict, key, value):
         ("finetune.augment", "heavy"),
         ("compute.device", "tpu"),
         ("compute.batch_size", 0),
+        ("compute.precision", "half"),
+        ("compute.threads", 0),
+        ("compute.threads", "many"),
         ("backbone.image_size", 8),
         ("backbone.image_size", "large"),
         ("data.val_fraction", 0.0),

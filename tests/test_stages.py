@@ -423,3 +423,38 @@ def test_evaluate_without_calibration(pipeline, tmp_path, params_dict, write_par
     assert "val_images" not in calibration  # no validation pass was made
     card = (work / "reports/model_card.md").read_text(encoding="utf-8")
     assert "No temperature fitted (`evaluate.calibrate: false`)" in card
+
+
+@pytest.mark.parametrize(
+    ("augment", "chosen"),
+    [
+        ("none", "caching the activations below the top 1 blocks once"),
+        ("light", "augment light, unfreeze 1 of 8 blocks: every epoch runs the whole backbone"),
+    ],
+)
+def test_finetune_picks_cached_activations_without_augmentation(
+    pipeline, tmp_path, monkeypatch, params_dict, write_params, caplog, augment, chosen
+):
+    """augment none: the stage picks the cached-activation path itself, says so, and leaves
+    nothing but the model behind; with augmentation, the whole backbone runs every epoch."""
+    import shutil
+
+    work = tmp_path / "work"
+    shutil.copytree(pipeline, work)
+    params_dict["finetune"]["augment"] = augment
+    write_params(work, params_dict)
+    monkeypatch.chdir(work)
+    if augment == "none":  # what a killed run leaves: removed by the next one
+        (work / "models" / ".finetune-activations-killed").mkdir()
+        (work / "models" / ".finetune-activations-killed" / "train.npy").write_bytes(b"x")
+    with caplog.at_level("INFO", logger="headstart"):
+        load_stage("finetune").main(STAGE_ARGV["finetune"])
+    assert chosen in caplog.text
+    # Nothing but what the pipeline had (models, calibration, export): no activation folder.
+    names = sorted(p.name for p in (work / "models").iterdir())
+    assert names == sorted(p.name for p in (pipeline / "models").iterdir())
+    _, meta = load_classifier(work / "models/finetuned.pt")
+    assert meta["params"]["finetune"]["augment"] == augment
+    load_stage("evaluate").main(STAGE_ARGV["evaluate"])
+    metrics = _read_json(work / "metrics/evaluate.json")
+    assert 0.0 <= metrics["finetuned"]["accuracy"] <= 1.0

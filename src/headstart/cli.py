@@ -80,9 +80,10 @@ def list_inputs(arguments: list[Path]) -> list[Path]:
 class _InputDataset:
     """Item i: (i, image tensor or None, reason, detail); decoding errors are data, not raised."""
 
-    def __init__(self, paths: list[Path], transform):
+    def __init__(self, paths: list[Path], transform, decode_size: int):
         self.paths = paths
         self.transform = transform
+        self.decode_size = decode_size  # as in training: see data.ImageDataset
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -94,7 +95,7 @@ class _InputDataset:
         if not path.is_file():
             return index, None, "not_found", "no such file"
         try:
-            image = decode_image(path).image
+            image = decode_image(path, self.decode_size).image
         except UnusableImage as error:
             return index, None, error.reason, error.detail
         return index, self.transform(image), None, ""
@@ -130,13 +131,13 @@ def predict_files(
     transform = eval_transform(meta["image_size"], meta["mean"], meta["std"])
     classes = meta["classes"]
     loader = torch.utils.data.DataLoader(
-        _InputDataset(paths, transform),
+        _InputDataset(paths, transform, meta["image_size"]),
         batch_size=batch_size,
         num_workers=num_workers,
         collate_fn=_collate,
     )
     results: list[Prediction] = [Prediction(str(p)) for p in paths]
-    model.eval().to(device)
+    model.eval().to(device, memory_format=torch.channels_last)  # as evaluate runs it
     progress = tqdm(
         total=len(paths),
         desc="predict",
@@ -153,7 +154,8 @@ def predict_files(
                 else:
                     good.append((index, image))
             if good:
-                images = torch.stack([image for _, image in good]).to(device)  # (B, 3, S, S)
+                images = torch.stack([image for _, image in good])  # (B, 3, S, S)
+                images = images.to(device, memory_format=torch.channels_last)
                 logits = model(images).float()  # (B, num_classes)
                 probabilities = torch.softmax(logits / temperature, dim=1).cpu()
                 top = probabilities.topk(min(top_k, len(classes)), dim=1)  # sorted, best first

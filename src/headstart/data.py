@@ -371,13 +371,25 @@ def train_transform(size: int, mean, std, augment: str) -> transforms.Compose:
 
 
 class ImageDataset(Dataset):
-    """(image tensor, label index) for paths relative to root; errors name the file."""
+    """(image tensor, label index) for paths relative to root; errors name the file.
 
-    def __init__(self, root: Path, paths: list[str], labels: list[int], transform):
+    `decode_size`: the input size the transform resizes to; large JPEGs are decoded at reduced
+    scale, never below it (images.decode_image's min_side). None: always a full decode.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        paths: list[str],
+        labels: list[int],
+        transform,
+        decode_size: int | None = None,
+    ):
         self.root = root
         self.paths = paths
         self.labels = labels
         self.transform = transform
+        self.decode_size = decode_size
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -385,7 +397,7 @@ class ImageDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path = self.root / self.paths[index]
         try:
-            return self.transform(load_rgb(path)), self.labels[index]
+            return self.transform(load_rgb(path, self.decode_size)), self.labels[index]
         except Exception as error:  # re-raised with the file named, never swallowed
             raise RuntimeError(f"{path}: cannot decode or transform image: {error}") from error
 
@@ -409,14 +421,20 @@ def image_loader(
     class_to_index: dict[str, int],
     transform,
     *,
+    decode_size: int | None,
     batch_size: int,
     num_workers: int,
     shuffle: bool = False,
     generator: torch.Generator | None = None,
 ) -> torch.utils.data.DataLoader:
-    """Batches of (images (B, 3, S, S), labels (B,)) for index rows; workers seeded and ordered."""
+    """Batches of (images (B, 3, S, S), labels (B,)) for index rows; workers seeded and ordered.
+    `decode_size` is the transform's input size S (see ImageDataset)."""
     dataset = ImageDataset(
-        root, [r["path"] for r in rows], [class_to_index[r["label"]] for r in rows], transform
+        root,
+        [r["path"] for r in rows],
+        [class_to_index[r["label"]] for r in rows],
+        transform,
+        decode_size,
     )
     return torch.utils.data.DataLoader(
         dataset,

@@ -36,8 +36,13 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def describe(device: torch.device | str | None = None) -> dict:
-    """The environment of this process, as a JSON-ready dict; `device` is the one computing."""
+def describe(
+    device: torch.device | str | None = None, precision: torch.dtype | None = None
+) -> dict:
+    """The environment of this process, as a JSON-ready dict; `device` is the one computing,
+    `precision` its autocast dtype (None: float32)."""
+    from headstart.model import precision_name
+
     device = torch.device(device or "cpu")
     record = {
         "python": platform.python_version(),
@@ -47,6 +52,7 @@ def describe(device: torch.device | str | None = None) -> dict:
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch_threads": torch.get_num_threads(),
         "device": device.type,
+        "precision": precision_name(precision),
     }
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()

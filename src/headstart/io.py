@@ -154,6 +154,50 @@ def write_array(path: Path, array: np.ndarray) -> None:
         np.save(handle, array, allow_pickle=False)
 
 
+class ArrayWriter:
+    """A new .npy file of known shape, written batch by batch with plain writes: memory stays
+    one batch (no mapped pages either) however many rows. Same bytes as write_array of the
+    whole array. Not atomic: use it inside atomic_dir.
+
+        with ArrayWriter(path, (rows, width), np.float32) as out:
+            for batch in batches:
+                out.write(batch)
+    """
+
+    def __init__(self, path: Path, shape: tuple[int, ...], dtype):
+        self.path, self.shape, self.dtype = path, tuple(shape), np.dtype(dtype)
+        self.rows = 0
+        self._handle = open(path, "wb")
+        header = {
+            "descr": np.lib.format.dtype_to_descr(self.dtype),
+            "fortran_order": False,
+            "shape": self.shape,
+        }
+        np.lib.format.write_array_header_1_0(self._handle, header)  # as np.save writes it
+
+    def write(self, rows: np.ndarray) -> None:
+        rows = np.ascontiguousarray(rows, dtype=self.dtype)
+        if rows.shape[1:] != self.shape[1:] or self.rows + len(rows) > self.shape[0]:
+            raise ValueError(f"{self.path}: rows of shape {rows.shape} do not fit {self.shape}")
+        self._handle.write(rows.tobytes())
+        self.rows += len(rows)
+
+    def __enter__(self) -> ArrayWriter:
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        self._handle.close()
+        if kind is None and self.rows != self.shape[0]:
+            raise ValueError(f"{self.path}: {self.rows} rows written, {self.shape[0]} expected")
+
+
+def open_array(path: Path, shape: tuple[int, ...], dtype) -> np.memmap:
+    """A new .npy file of `shape`, memory-mapped to be filled in place and read back (cached
+    activations): anonymous memory stays one batch whatever the number of rows. Same bytes as
+    write_array of the filled array. Not atomic."""
+    return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+
+
 def read_array(path: Path) -> np.ndarray:
     return np.load(path, allow_pickle=False)
 

@@ -29,6 +29,47 @@ class Classifier(nn.Module):
         return self.head(self.backbone(images))  # (B, num_classes) logits
 
 
+class _Bottom(nn.Module):
+    """stem -> the lower blocks: the frozen part of a Classifier, below the cut."""
+
+    def __init__(self, model: Classifier, cut: int):
+        super().__init__()
+        self.stem = model.backbone.stem
+        self.blocks = nn.ModuleList(list(model.backbone.blocks)[:cut])
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.stem(images)
+        for block in self.blocks:
+            x = block(x)
+        return x  # (B, C, H, W): the activations at the cut
+
+
+class _Top(nn.Module):
+    """The top blocks -> neck -> head: what fine-tuning trains, from activations at the cut."""
+
+    def __init__(self, model: Classifier, cut: int):
+        super().__init__()
+        self.blocks = nn.ModuleList(list(model.backbone.blocks)[cut:])
+        self.neck = model.backbone.neck
+        self.head = model.head
+
+    def forward(self, activations: torch.Tensor) -> torch.Tensor:
+        x = activations
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.neck(x))
+
+
+def split_at_cut(model: Classifier, unfreeze: int) -> tuple[nn.Module, nn.Module]:
+    """(bottom, top) with top(bottom(x)) == model(x), cut below the top `unfreeze` blocks.
+
+    Both share their modules with `model`: training `top` trains `model`. Used to fine-tune
+    from activations cached once at the cut instead of rerunning the frozen blocks each epoch.
+    """
+    cut = len(model.backbone.blocks) - unfreeze
+    return _Bottom(model, cut), _Top(model, cut)
+
+
 def seed_everything(seed: int) -> torch.Generator:
     """The one place seeds are set; returns a generator for DataLoader shuffling."""
     random.seed(seed)
@@ -43,6 +84,39 @@ def resolve_device(device: str) -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"compute.device is {device!r} but CUDA is not available; use 'auto'")
     return torch.device(device)
+
+
+def cpu_has_native_bf16() -> bool:
+    """True on CPUs with bfloat16 instructions (AVX512-BF16 or AMX), where bf16 pays off."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for `compute.precision` on `device`; None means plain float32.
+
+    auto: bfloat16 on GPUs that support it (else float16) and on CPUs with native bfloat16;
+    float32 everywhere else. Outputs written to disk (features, weights) stay float32.
+    """
+    if precision == "float32":
+        return None
+    if precision == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else None
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16}[precision]
+
+
+def precision_name(precision: torch.dtype | None) -> str:
+    """How a resolved precision reads in logs and records: "float32" or "bfloat16 autocast"."""
+    return "float32" if precision is None else f"{str(precision).removeprefix('torch.')} autocast"
+
+
+def set_threads(threads: int | str) -> None:
+    """`compute.threads`: an int pins torch's CPU thread count; auto keeps torch's default
+    (one per physical core). Results can differ in the last digits between thread counts."""
+    if threads != "auto":
+        torch.set_num_threads(threads)
 
 
 def set_trainable(model: Classifier, unfreeze: int) -> list[nn.Module]:

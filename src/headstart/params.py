@@ -85,6 +85,8 @@ class ComputeParams:
     device: str
     num_workers: int
     batch_size: int
+    precision: str
+    threads: int | str
 
     def validate(self) -> None:
         _check(
@@ -94,6 +96,15 @@ class ComputeParams:
         )
         _check(self.num_workers >= 0, "compute.num_workers", "must be >= 0")
         _check(self.batch_size >= 1, "compute.batch_size", "must be >= 1")
+        _check(
+            self.precision in ("auto", "float32", "bfloat16", "float16"),
+            "compute.precision",
+            "must be auto, float32, bfloat16 or float16",
+        )
+        if isinstance(self.threads, str):
+            _check(self.threads == "auto", "compute.threads", "must be 'auto' or a thread count")
+        else:
+            _check(self.threads >= 1, "compute.threads", "must be 'auto' or >= 1")
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,10 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import resource
 import signal
 import sys
+import time
 from collections.abc import Callable
 
 # ENOSPC: no space left on device; EDQUOT: disk quota exceeded. Same fix.
@@ -38,6 +40,7 @@ def run(main: Callable[[list[str] | None], None], argv: list[str] | None = None)
         stream=sys.stderr,
     )
     signal.signal(signal.SIGTERM, _on_sigterm)
+    start = time.perf_counter()
     try:
         main(argv)
     except (ValueError, FileNotFoundError) as error:
@@ -61,6 +64,9 @@ def run(main: Callable[[list[str] | None], None], argv: list[str] | None = None)
     except Interrupted:
         log.error("interrupted (SIGTERM); no output was recorded")
         return 143
+    # ru_maxrss is in KiB on Linux; this process only (loader workers are processes of their own).
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    log.info("done in %.1f s, peak memory %.0f MiB", time.perf_counter() - start, peak)
     return 0
 
 

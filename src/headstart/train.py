@@ -5,6 +5,10 @@ the batches, the number of epochs. The loop: AdamW on the given parameter groups
 cosine schedule, validation every epoch, early stopping on validation accuracy (ties broken by
 validation loss), and the best epoch's weights returned.
 
+Forward passes run under autocast when given a `precision` dtype (bfloat16 on CPUs and GPUs
+that have it, see model.resolve_precision), and image batches in channels-last memory format,
+which oneDNN and cuDNN convolutions prefer; outputs are returned in float32.
+
 Running out of memory (CUDA, or the CPU allocator) in training or inference raises
 `OutOfMemory`, whose one-line message names the params key of the batch size to lower.
 """
@@ -69,6 +73,17 @@ def _explain_out_of_memory(
         ) from error
 
 
+def _autocast(device: torch.device, precision: torch.dtype | None):
+    return torch.autocast(device.type, dtype=precision, enabled=precision is not None)
+
+
+def _to_device(inputs: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Images (4-d batches) go channels-last; feature batches as they are."""
+    if inputs.ndim == 4:
+        return inputs.to(device, memory_format=torch.channels_last, non_blocking=True)
+    return inputs.to(device, non_blocking=True)
+
+
 @dataclass
 class FitResult:
     best_epoch: int  # 1-based
@@ -92,16 +107,21 @@ def fit(
     on_epoch: Callable[[dict[str, float]], None] | None = None,
     desc: str = "train",
     batch_size_key: str | None = None,
+    precision: torch.dtype | None = None,
 ) -> FitResult:
     """Train `model` in place and load the best epoch's weights back into it.
 
     `batch_size_key` (e.g. "finetune.batch_size") is the params key named in the OutOfMemory
-    error if a batch does not fit in memory. Nothing is written here: an error leaves no output.
+    error if a batch does not fit in memory. `precision`: the autocast dtype (None: float32);
+    the weights and the optimizer state stay float32. Nothing is written here: an error leaves
+    no output.
     """
     if not any(p.requires_grad for g in groups for p in g["params"]):
         raise ValueError("nothing to train: no parameter in the optimizer requires grad")
-    model.to(device)
+    model.to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(groups)
+    # float16 needs loss scaling against gradient underflow; bfloat16 and float32 do not.
+    scaler = torch.amp.GradScaler(device.type, enabled=precision is torch.float16)
     steps = epochs * len(train_batches)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
@@ -115,23 +135,25 @@ def fit(
             total_loss, total_correct, seen = 0.0, 0, 0
             progress = tqdm(train_batches, desc=f"{desc} epoch {epoch}/{epochs}", leave=False)
             for inputs, targets in progress:
-                inputs, targets = inputs.to(device), targets.to(device)
+                inputs, targets = _to_device(inputs, device), targets.to(device)
                 # Cosine decay from each group's own learning rate to zero over all steps.
                 scale = 0.5 * (1.0 + math.cos(math.pi * step / max(steps, 1)))
                 for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
                     group["lr"] = base * scale
-                logits = model(inputs)
+                with _autocast(device, precision):
+                    logits = model(inputs).float()
                 loss = loss_fn(logits, targets)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
                 step += 1
                 total_loss += loss.item() * len(targets)
                 total_correct += (logits.argmax(1) == targets).sum().item()
                 seen += len(targets)
                 progress.set_postfix(loss=f"{total_loss / seen:.4f}")
             val_loss, val_accuracy = evaluate_loss_accuracy(
-                model, val_batches, device, batch_size_key
+                model, val_batches, device, batch_size_key, precision
             )
             record = {
                 "epoch": epoch,
@@ -173,33 +195,87 @@ def fit(
     return best
 
 
-@torch.inference_mode()
+def iter_inference(
+    model: nn.Module,
+    batches: Iterable,
+    device: torch.device,
+    desc: str = "predict",
+    batch_size_key: str | None = None,
+    precision: torch.dtype | None = None,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Run `model` in eval mode over the batches; yield (outputs (B, ...) float32, labels (B,)
+    int64) per batch, so a caller can stream them to disk.
+
+    `batch_size_key` is named in the OutOfMemory error, `precision` is the autocast dtype, as
+    in fit.
+    """
+    model.eval().to(device, memory_format=torch.channels_last)
+    with _explain_out_of_memory(desc, device, batches, batch_size_key):
+        for inputs, targets in tqdm(batches, desc=desc, leave=False):
+            with torch.inference_mode(), _autocast(device, precision):
+                outputs = model(_to_device(inputs, device)).float().cpu()
+            yield outputs.numpy(), torch.as_tensor(targets).numpy().astype(np.int64)
+
+
+def cache_activations(
+    module: nn.Module,
+    batches,
+    device: torch.device,
+    path,
+    desc: str,
+    batch_size_key: str | None = None,
+    precision: torch.dtype | None = None,
+) -> torch.utils.data.TensorDataset:
+    """Run a frozen `module` once over an (unshuffled) image DataLoader; return a dataset of
+    (its output, label) pairs, the outputs streamed to a memory-mapped float32 .npy at `path`
+    (memory stays one batch however many images)."""
+    from headstart.io import open_array
+
+    rows = len(batches.dataset)
+    outputs, labels, start = None, np.empty(rows, dtype=np.int64), 0
+    for batch_outputs, batch_labels in iter_inference(
+        module, batches, device, desc, batch_size_key, precision
+    ):
+        if outputs is None:
+            outputs = open_array(path, (rows, *batch_outputs.shape[1:]), np.float32)
+        end = start + len(batch_outputs)
+        outputs[start:end] = batch_outputs
+        labels[start:end] = batch_labels
+        start = end
+    outputs.flush()
+    return torch.utils.data.TensorDataset(torch.from_numpy(outputs), torch.from_numpy(labels))
+
+
 def run_inference(
     model: nn.Module,
     batches: Iterable,
     device: torch.device,
     desc: str = "predict",
     batch_size_key: str | None = None,
+    precision: torch.dtype | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Run `model` in eval mode over all batches; return (outputs (N, ...) float32, labels (N,)).
+    """All of iter_inference at once: (outputs (N, ...) float32, labels (N,) int64).
 
     Used for logits (head, fine-tuned model) and for pooled features (a bare backbone).
-    `batch_size_key` is named in the OutOfMemory error, as in fit.
     """
-    model.eval().to(device)
-    all_logits, all_labels = [], []
-    with _explain_out_of_memory(desc, device, batches, batch_size_key):
-        for inputs, targets in tqdm(batches, desc=desc, leave=False):
-            all_logits.append(model(inputs.to(device)).float().cpu())
-            all_labels.append(torch.as_tensor(targets))
-    return torch.cat(all_logits).numpy(), torch.cat(all_labels).numpy().astype(np.int64)
+    outputs, labels = [], []
+    for batch_outputs, batch_labels in iter_inference(
+        model, batches, device, desc, batch_size_key, precision
+    ):
+        outputs.append(batch_outputs)
+        labels.append(batch_labels)
+    return np.concatenate(outputs), np.concatenate(labels)
 
 
 def evaluate_loss_accuracy(
-    model: nn.Module, batches: Iterable, device: torch.device, batch_size_key: str | None = None
+    model: nn.Module,
+    batches: Iterable,
+    device: torch.device,
+    batch_size_key: str | None = None,
+    precision: torch.dtype | None = None,
 ) -> tuple[float, float]:
     logits, labels = run_inference(
-        model, batches, device, desc="validate", batch_size_key=batch_size_key
+        model, batches, device, desc="validate", batch_size_key=batch_size_key, precision=precision
     )
     loss = nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels)).item()
     return loss, float((logits.argmax(1) == labels).mean())

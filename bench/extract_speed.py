@@ -1,0 +1,111 @@
+"""Extraction at the model's speed: the extract stage's images/s versus the bare forward pass.
+
+For each input size and precision, side by side in one process:
+- model: the backbone's forward pass over ready-made tensors of the same batch and size (the
+  ceiling: no decoding, no resizing);
+- extract: what the extract stage runs, files to features (decode, resize, crop, normalise in
+  `compute.num_workers` loader processes, forward pass, features out);
+- full decode: the same, but every JPEG decoded at full size (no reduced-scale decoding).
+The ratio extract/model says whether decoding is the bottleneck (target: 0.8 or more).
+Images are generated JPEGs (bench/synthetic.py), 400x300 by default, like photos.
+
+    python bench/extract_speed.py                       # 512 images, 224 and 96 px
+    python bench/extract_speed.py --images 1024 --sizes 224 --precisions auto
+    python bench/extract_speed.py --photo-size 1600 1200   # camera-sized photos
+
+Reads compute.batch_size, compute.num_workers and backbone.name from params.yaml. The last
+line is the ratio for the default backbone at 224 px with precision auto.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from synthetic import make_photos
+
+from headstart.backbones import BACKBONES, build_backbone
+from headstart.data import eval_transform, image_loader
+from headstart.model import precision_name, resolve_precision, set_threads
+from headstart.params import load_params
+from headstart.train import iter_inference
+
+
+def images_per_second(batches, count: int, backbone, precision) -> float:
+    device = torch.device("cpu")
+    start = time.perf_counter()
+    seen = sum(len(f) for f, _ in iter_inference(backbone, batches, device, precision=precision))
+    elapsed = time.perf_counter() - start
+    assert seen == count, (seen, count)
+    return count / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=512)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[224, 96])
+    parser.add_argument("--precisions", nargs="+", default=["float32", "auto"])
+    parser.add_argument("--photo-size", type=int, nargs=2, default=[400, 300], metavar=("W", "H"))
+    parser.add_argument("--folder", type=Path, help="reuse generated images here")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    params = load_params()
+    set_threads(params.compute.threads)
+    name = params.backbone.name
+    spec = BACKBONES[name]
+    backbone = build_backbone(name, params.backbone.weights)
+    batch_size, workers = params.compute.batch_size, params.compute.num_workers
+
+    folder = args.folder or Path(tempfile.mkdtemp(prefix="headstart-bench-"))
+    make_photos(folder, args.images, size=tuple(args.photo_size))
+    paths = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.jpg"))
+    rows = [{"path": p, "label": p.split("/")[0]} for p in paths[: args.images]]
+    class_to_index = {c: i for i, c in enumerate(sorted({r["label"] for r in rows}))}
+    print(
+        f"{name}, {len(rows)} JPEGs {args.photo_size[0]}x{args.photo_size[1]}, "
+        f"batch {batch_size}, {workers} loader workers, "
+        f"{torch.get_num_threads()} torch threads"
+    )
+    print(
+        f"{'size':>5} {'precision':<25} {'model img/s':>12} {'extract img/s':>14} "
+        f"{'full decode':>12} {'ratio':>6}"
+    )
+    results = {}
+    for size in args.sizes:
+        ready = [
+            (torch.randn(min(batch_size, len(rows) - i), 3, size, size), torch.zeros(1))
+            for i in range(0, len(rows), batch_size)
+        ]
+        for wanted in args.precisions:
+            precision = resolve_precision(wanted, torch.device("cpu"))
+            images_per_second(ready[:1], len(ready[0][0]), backbone, precision)  # warm-up
+            model_speed = images_per_second(ready, len(rows), backbone, precision)
+            speeds = []
+            for decode_size in (size, None):
+                loader = image_loader(
+                    folder,
+                    rows,
+                    class_to_index,
+                    eval_transform(size, spec.mean, spec.std),
+                    decode_size=decode_size,
+                    batch_size=batch_size,
+                    num_workers=workers,
+                )
+                speeds.append(images_per_second(loader, len(rows), backbone, precision))
+                del loader  # stops its workers before the next measurement
+            ratio = speeds[0] / model_speed
+            results[size, wanted] = ratio
+            print(
+                f"{size:>5} {wanted + ' = ' + precision_name(precision):<25} "
+                f"{model_speed:>12.1f} {speeds[0]:>14.1f} {speeds[1]:>12.1f} {ratio:>6.2f}"
+            )
+    last = (224, "auto") if (224, "auto") in results else next(iter(results))
+    print(f"ratio={results[last]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
