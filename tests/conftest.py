@@ -115,6 +115,7 @@ def valid_params() -> dict:
             "bn": "frozen",
             "seed": 0,
         },
+        "evaluate": {"calibrate": True},
     }
 
 

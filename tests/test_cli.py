@@ -6,6 +6,7 @@ import csv
 import hashlib
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -259,3 +260,114 @@ def test_console_script_help():
     )
     assert result.returncode == 0, result.stderr
     assert all(command in result.stdout for command in ("predict", "info", "export"))
+
+
+def _probabilities_by_class(out: str) -> np.ndarray:
+    """(N, num_classes) from predict's JSON with --top-k covering every class."""
+    return np.array(
+        [
+            [{p["class"]: p["probability"] for p in r["predictions"]}[c] for c in CLASSES]
+            for r in json.loads(out)
+        ]
+    )
+
+
+def test_predict_applies_the_calibration_beside_the_model(
+    checkpoint, image_folder, tmp_path, capsys
+):
+    """The temperature evaluate fits changes the probabilities, never the predicted class."""
+    import shutil
+
+    from headstart.calibration import calibration_path, calibration_record
+    from headstart.io import write_json
+
+    model = shutil.copy(checkpoint, tmp_path / "finetuned.pt")
+    paths = sorted(p.relative_to(image_folder).as_posix() for p in image_folder.rglob("*.*"))
+    argv = ["predict", model, image_folder, "--format", "json", "--top-k", 3]
+    code, out, _ = run_cli(capsys, *argv)
+    assert code == 0
+    plain = _probabilities_by_class(out)
+    assert not calibration_path(model).exists()
+
+    temperature = 0.5
+    write_json(calibration_path(model), calibration_record(model, temperature, True, {}))
+    code, out, _ = run_cli(capsys, *argv)  # --calibration auto: the file beside the model
+    assert code == 0
+    calibrated = _probabilities_by_class(out)
+    assert np.abs(calibrated - plain).max() > 0.05  # the probabilities moved ...
+    assert (calibrated.argmax(1) == plain.argmax(1)).all()  # ... the predictions did not
+    assert calibrated.max(1).mean() > plain.max(1).mean()  # T < 1 sharpens
+    logits = np.log(reference_probabilities(model, image_folder, paths))  # up to a constant
+    expected = torch.softmax(torch.from_numpy(logits) / temperature, dim=1).numpy()
+    np.testing.assert_allclose(calibrated, expected, atol=1e-5)
+
+    code, out, _ = run_cli(capsys, *argv, "--calibration", "none")
+    assert code == 0
+    np.testing.assert_allclose(_probabilities_by_class(out), plain, atol=1e-7)
+
+    # A calibration file for another version of the model is refused, with the fix.
+    other = tmp_path / "other.pt"
+    other.write_bytes(b"another model")
+    write_json(tmp_path / "stale.json", calibration_record(other, 2.0, True, {}))
+    code, out, err = run_cli(capsys, *argv, "--calibration", tmp_path / "stale.json")
+    assert code == 2 and out == "" and "another version" in err and "--calibration none" in err
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
+def test_export_builds_the_temperature_in(checkpoint, image_folder, tmp_path, capsys):
+    import shutil
+
+    from headstart.calibration import calibration_path, calibration_record
+    from headstart.io import write_json
+
+    model = shutil.copy(checkpoint, tmp_path / "finetuned.pt")
+    write_json(calibration_path(model), calibration_record(model, 2.0, True, {}))
+    out = tmp_path / "model.ts.pt"
+    code, _, _ = run_cli(capsys, "export", model, out)
+    assert code == 0
+    assert read_json(out.with_suffix(".json"))["temperature"] == 2.0
+    paths = ["cat/cat_00.png", "dog/dog_02.png"]
+    logits = np.log(reference_probabilities(model, image_folder, paths))
+    expected = torch.softmax(torch.from_numpy(logits) / 2.0, dim=1).numpy()
+    transform = eval_transform(IMAGE_SIZE, [0.0] * 3, [1.0] * 3)  # [0, 1] floats, unnormalised
+    batch = torch.stack([transform(load_rgb(image_folder / p)) for p in paths])
+    with torch.inference_mode():
+        got = torch.jit.load(str(out))(batch).numpy()
+    assert np.abs(got - expected).max() < 1e-4
+
+
+def load_rgb(path: Path):
+    from headstart.images import decode_image
+
+    return decode_image(path).image
+
+
+def test_export_bytes_do_not_depend_on_where_the_code_lives(checkpoint, tmp_path):
+    """Exports by two fresh processes running two copies of the package, in two folders, are
+    byte-identical and name no file of this checkout or environment, so the export stage's DVC
+    output has the same md5 in any clone. (The debug records TorchScript writes name source
+    files by absolute path; they are stripped. Within one process a second export differs:
+    TorchScript numbers the classes it compiles, process-wide.)"""
+    import shutil
+
+    import headstart
+
+    package = Path(headstart.__file__).parent
+    outs = []
+    for name in ("a", "copy_b"):
+        folder = tmp_path / name
+        shutil.copytree(package, folder / "src" / "headstart")
+        command = [sys.executable, "-m", "headstart.cli", "export", str(checkpoint), "model.pt"]
+        result = subprocess.run(
+            command + ["--calibration", "none"],
+            cwd=folder,
+            env={**os.environ, "PYTHONPATH": str(folder / "src")},
+            capture_output=True,
+            timeout=300,
+        )
+        assert result.returncode == 0, result.stderr.decode()
+        outs.append((folder / "model.pt").read_bytes())
+    assert outs[0] == outs[1]
+    assert b".debug_pkl" not in outs[0]
+    assert str(package).encode() not in outs[0] and str(tmp_path).encode() not in outs[0]
+    assert str(Path(torch.__file__).parent).encode() not in outs[0]

@@ -104,7 +104,7 @@ def test_repro_then_head_experiment_reuses_features(tmp_path, image_folder):
 
     # A head-only change: the features are reused, everything after the head reruns.
     experiment = run(repo, "dvc", "exp", "run", "-S", "head.lr=0.01")
-    assert ran_stages(experiment) == {"train_head", "finetune", "evaluate"}, experiment
+    assert ran_stages(experiment) == {"train_head", "finetune", "evaluate", "export"}, experiment
     assert "Stage 'extract' didn't change, skipping" in experiment
     assert "Stage 'prepare' didn't change, skipping" in experiment
 

@@ -7,7 +7,7 @@ dvc.lock byte-identical, keep `dvc status` dirty, and the next `dvc repro` must 
 what an uninterrupted run with the same params produces (whole dvc.lock, model, metrics).
 
 One baseline repository is run once (all stages, 2 fine-tune epochs) and copied for each case;
-each copy then raises finetune.epochs, so only finetune and evaluate run.
+each copy then raises finetune.epochs, so only finetune, evaluate and export run.
 """
 
 from __future__ import annotations
@@ -43,6 +43,9 @@ RESULTS = (
     "metrics/evaluate.json",
     "metrics/per_class.json",
     "plots/confusion_finetuned.json",
+    "reports/model_card.md",
+    "models/finetuned.calibration.json",
+    "models/finetuned.torchscript.pt",
 )
 
 
@@ -149,7 +152,7 @@ def uninterrupted(baseline, tmp_path_factory) -> dict[str, bytes]:
     repo = _copy_repo(baseline, tmp_path_factory.mktemp("uninterrupted") / "repo")
     _set_params(repo, LONG)
     output = run(repo, "dvc", "repro")
-    assert ran_stages(output) == {"finetune", "evaluate"}, output
+    assert ran_stages(output) == {"finetune", "evaluate", "export"}, output
     # patience == epochs: every epoch ran (DVCLive's last step is EPOCHS - 1).
     assert json.loads((repo / "dvclive/finetune/metrics.json").read_text())["step"] == EPOCHS - 1
     return _results(repo)
@@ -179,7 +182,7 @@ def _interrupted_then_healed(
     assert "finetune:" in status and "up to date" not in status, status
 
     rerun = run(repo, "dvc", "repro")
-    assert ran_stages(rerun) == {"finetune", "evaluate"}, rerun  # ran, not restored
+    assert ran_stages(rerun) == {"finetune", "evaluate", "export"}, rerun  # ran, not restored
     healed = _results(repo)
     for name in RESULTS:
         assert healed[name] == uninterrupted[name], f"{name} differs from the uninterrupted run"

@@ -73,6 +73,8 @@ def _set(mapping: dict, dotted: str, value) -> dict:
         ("data.dir", 123),
         ("backbone.image_size", 64.0),
         ("finetune.augment", 1),
+        ("evaluate.calibrate", "yes"),
+        ("evaluate.calibrate", 1),
         ("compute.threads", 2.0),
     ],
 )

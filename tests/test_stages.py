@@ -64,6 +64,13 @@ STAGE_ARGV = {
         "metrics/per_class.json",
         "metrics/environment.json",
         "plots",
+        "models/finetuned.calibration.json",
+        "reports/model_card.md",
+    ],
+    "export": [
+        "models/finetuned.pt",
+        "models/finetuned.calibration.json",
+        "models/finetuned.torchscript.pt",
     ],
 }
 
@@ -78,7 +85,8 @@ def run_stages(work: Path, names: list[str]) -> None:
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory, image_folder_factory, params_factory, write_params) -> Path:
-    """Run prepare -> extract -> train_head -> finetune -> evaluate once in a fresh folder."""
+    """Run prepare -> extract -> train_head -> finetune -> evaluate -> export once in a fresh
+    folder."""
     work = tmp_path_factory.mktemp("pipeline")
     image_folder_factory(work / "images")
     write_params(work, params_factory())
@@ -102,6 +110,14 @@ EXPECTED_OUTPUTS = [
     "metrics/environment.json",
     "plots/confusion_head.json",
     "plots/confusion_finetuned.json",
+    *(f"plots/reliability_{m}.json" for m in ("head", "finetuned", "calibrated")),
+    "plots/per_class_f1.json",
+    "plots/confusion_finetuned.png",
+    "plots/worst_misclassified.png",
+    "models/finetuned.calibration.json",
+    "reports/model_card.md",
+    "models/finetuned.torchscript.pt",
+    "models/finetuned.torchscript.json",
 ]
 
 
@@ -280,6 +296,135 @@ def test_class_list_changed_after_extract_is_refused(pipeline, tmp_path, monkeyp
         load_stage("evaluate").main(STAGE_ARGV["evaluate"])
 
 
+def test_evaluate_calibration_and_pictures(pipeline):
+    """ECE, the calibration file predict reads, the reliability and F1 plot data, the PNGs."""
+    from PIL import Image
+
+    from headstart.calibration import read_temperature
+
+    metrics = _read_json(pipeline / "metrics/evaluate.json")
+    num_test = metrics["test_images"]
+    for model in ("head", "finetuned"):
+        assert 0.0 <= metrics[model]["ece"] <= 1.0
+    assert 0.0 <= metrics["finetuned"]["ece_calibrated"] <= 1.0
+    calibration = _read_json(pipeline / "models/finetuned.calibration.json")
+    assert calibration["fitted"] is True and calibration["val_images"] >= 3
+    assert calibration["temperature"] == metrics["finetuned"]["temperature"] > 0
+    # It belongs to the model finetune wrote (and predict will check that).
+    temperature = read_temperature(
+        pipeline / "models/finetuned.calibration.json", pipeline / "models/finetuned.pt"
+    )
+    assert temperature == calibration["temperature"]
+
+    for name in ("head", "finetuned", "calibrated"):
+        bins = _read_json(pipeline / f"plots/reliability_{name}.json")
+        assert sum(b["count"] for b in bins) == num_test
+        assert all(0.0 <= b["accuracy"] <= 1.0 and 0.0 < b["confidence"] <= 1.0 for b in bins)
+    per_class = _read_json(pipeline / "metrics/per_class.json")
+    f1 = _read_json(pipeline / "plots/per_class_f1.json")
+    assert [r["class"] for r in f1] == ["bird", "cat", "dog"]
+    assert all(r["finetuned"] == per_class["finetuned"][r["class"]]["f1"] for r in f1)
+
+    for name in ("confusion_finetuned", "worst_misclassified"):
+        with Image.open(pipeline / f"plots/{name}.png") as image:
+            assert image.format == "PNG" and image.width > 100 and image.height > 100
+            assert not image.info.get("dpi") and "Software" not in image.info
+
+
+def test_model_card_describes_the_run(pipeline):
+    card = (pipeline / "reports/model_card.md").read_text(encoding="utf-8")
+    metrics = _read_json(pipeline / "metrics/evaluate.json")
+    report = _read_json(pipeline / "data/prepared/report.json")
+    assert card.startswith("# Model card: efficientnet_lite0 fine-tuned on 3 classes\n")
+    for label, counts in report["counts"].items():
+        row = f"| {label} | {counts['train']} | {counts['val']} | {counts['test']} |"
+        assert row in card
+    assert f"| fine-tuned | {metrics['finetuned']['accuracy']:.4f} |" in card
+    assert "| `finetune.unfreeze` | `1` |" in card and "| `head.epochs` | `3` |" in card
+    assert "| `backbone.weights` | `none` |" in card
+    _, meta = load_classifier(pipeline / "models/finetuned.pt")
+    assert f"| torch | {meta['environment']['packages']['torch']} |" in card
+    assert "## Most confused classes" in card and "## Calibration" in card
+
+
+def test_evaluate_rerun_is_byte_identical(pipeline, tmp_path):
+    """Same inputs, same outputs, byte for byte: the card, the JSON and the PNGs alike."""
+    import shutil
+
+    work = shutil.copytree(pipeline, tmp_path / "work")
+    first, last = (
+        EXPECTED_OUTPUTS.index("metrics/evaluate.json"),
+        EXPECTED_OUTPUTS.index("reports/model_card.md"),
+    )
+    outputs = EXPECTED_OUTPUTS[first : last + 1]
+    assert "plots/worst_misclassified.png" in outputs
+    before = {name: (work / name).read_bytes() for name in outputs}
+    for name in outputs:
+        (work / name).unlink()
+    run_stages(work, ["evaluate"])
+    changed = [name for name in outputs if (work / name).read_bytes() != before[name]]
+    assert changed == []
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
+def test_export_stage_applies_the_calibration(pipeline):
+    """The exported probabilities are the fine-tuned model's, at the fitted temperature."""
+    from headstart.data import eval_transform
+    from headstart.images import decode_image
+
+    calibration = _read_json(pipeline / "models/finetuned.calibration.json")
+    sidecar = _read_json(pipeline / "models/finetuned.torchscript.json")
+    assert sidecar["temperature"] == calibration["temperature"]
+    assert sidecar["classes"] == ["bird", "cat", "dog"] and sidecar["image_size"] == 32
+    rows = [r for r in _index_rows(pipeline / "data/prepared") if r["split"] == "test"]
+    images = [decode_image(pipeline / "images" / r["path"]).image for r in rows]
+    model, meta = load_classifier(pipeline / "models/finetuned.pt")
+    normalised = eval_transform(32, meta["mean"], meta["std"])
+    plain = eval_transform(32, [0.0] * 3, [1.0] * 3)  # [0, 1]: the export normalises inside
+    with torch.inference_mode():
+        logits = model(torch.stack([normalised(i) for i in images]))
+        expected = torch.softmax(logits / calibration["temperature"], dim=1)
+        exported = torch.jit.load(str(pipeline / "models/finetuned.torchscript.pt"))
+        got = exported(torch.stack([plain(i) for i in images]))
+    assert (got - expected).abs().max() < 1e-4
+
+
+def test_info_shows_the_evaluation_beside_the_model(pipeline, capsys):
+    """`headstart info` on the pipeline's model: test metrics, data fingerprint, temperature
+    and environment, from the checkpoint and the calibration file evaluate wrote."""
+    from headstart.cli import main
+    from headstart.report import data_fingerprint
+
+    assert main(["info", str(pipeline / "models/finetuned.pt"), "--format", "json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    metrics = _read_json(pipeline / "metrics/evaluate.json")
+    evaluation = info["calibration"]
+    assert evaluation["temperature"] == metrics["finetuned"]["temperature"]
+    assert evaluation["test"]["accuracy"] == metrics["finetuned"]["accuracy"]
+    assert evaluation["test"]["images"] == metrics["test_images"]
+    rows = _index_rows(pipeline / "data/prepared")
+    assert evaluation["data_fingerprint"] == data_fingerprint(rows)
+    assert info["environment"]["device"] == "cpu"
+
+
+def test_evaluate_without_calibration(pipeline, tmp_path, params_dict, write_params):
+    """evaluate.calibrate: false: temperature 1.0 everywhere, so predict changes nothing."""
+    import shutil
+
+    work = shutil.copytree(pipeline, tmp_path / "work")
+    params_dict["evaluate"]["calibrate"] = False
+    write_params(work, params_dict)
+    run_stages(work, ["evaluate"])
+    metrics = _read_json(work / "metrics/evaluate.json")
+    assert metrics["finetuned"]["temperature"] == 1.0
+    assert metrics["finetuned"]["ece_calibrated"] == metrics["finetuned"]["ece"]
+    calibration = _read_json(work / "models/finetuned.calibration.json")
+    assert calibration["fitted"] is False and calibration["temperature"] == 1.0
+    assert "val_images" not in calibration  # no validation pass was made
+    card = (work / "reports/model_card.md").read_text(encoding="utf-8")
+    assert "No temperature fitted (`evaluate.calibrate: false`)" in card
+
+
 @pytest.mark.parametrize(
     ("augment", "chosen"),
     [
@@ -305,7 +450,9 @@ def test_finetune_picks_cached_activations_without_augmentation(
     with caplog.at_level("INFO", logger="headstart"):
         load_stage("finetune").main(STAGE_ARGV["finetune"])
     assert chosen in caplog.text
-    assert sorted(p.name for p in (work / "models").iterdir()) == ["finetuned.pt", "head.pt"]
+    # Nothing but what the pipeline had (models, calibration, export): no activation folder.
+    names = sorted(p.name for p in (work / "models").iterdir())
+    assert names == sorted(p.name for p in (pipeline / "models").iterdir())
     _, meta = load_classifier(work / "models/finetuned.pt")
     assert meta["params"]["finetune"]["augment"] == augment
     load_stage("evaluate").main(STAGE_ARGV["evaluate"])

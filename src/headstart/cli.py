@@ -1,8 +1,9 @@
 """The `headstart` command: predict with, describe and export a fine-tuned model.
 
     headstart predict MODEL IMAGE_OR_FOLDER... [--top-k K] [--format table|csv|json]
+                      [--calibration auto|none|FILE]
     headstart info MODEL [--format text|json]
-    headstart export MODEL OUT --format torchscript
+    headstart export MODEL OUT --format torchscript [--calibration auto|none|FILE]
 
 Preprocessing always comes from the checkpoint's metadata and images are decoded by the same
 function as in training, so predictions match what evaluate measured. A file that cannot be
@@ -117,8 +118,11 @@ def predict_files(
     batch_size: int,
     device,
     num_workers: int = 0,
+    temperature: float = 1.0,
 ) -> list[Prediction]:
-    """Top-k softmax probabilities for every path, in input order; failures carry a reason."""
+    """Top-k probabilities, softmax(logits / temperature), for every path, in input order;
+    failures carry a reason. The temperature (headstart.calibration) never changes the order
+    of the classes, only how sure the model says it is."""
     import torch
     from tqdm import tqdm
 
@@ -152,7 +156,8 @@ def predict_files(
             if good:
                 images = torch.stack([image for _, image in good])  # (B, 3, S, S)
                 images = images.to(device, memory_format=torch.channels_last)
-                probabilities = torch.softmax(model(images).float(), dim=1).cpu()
+                logits = model(images).float()  # (B, num_classes)
+                probabilities = torch.softmax(logits / temperature, dim=1).cpu()
                 top = probabilities.topk(min(top_k, len(classes)), dim=1)  # sorted, best first
                 for row, (index, _) in enumerate(good):
                     results[index].classes = [classes[i] for i in top.indices[row].tolist()]
@@ -214,6 +219,28 @@ def _load_model(path: Path):
         raise UsageError(f"{path}: not a usable fine-tuned model: {error}") from error
 
 
+def resolve_temperature(model_path: Path, calibration: str) -> float:
+    """--calibration: `auto` applies MODEL's calibration file (models/finetuned.pt ->
+    models/finetuned.calibration.json, written by evaluate) when there is one, `none` applies
+    nothing, anything else is a calibration file's path. A file fitted for another version of
+    the model is refused, with the fix."""
+    from headstart.calibration import calibration_path, read_temperature
+
+    if calibration == "none":
+        return 1.0
+    path = calibration_path(model_path) if calibration == "auto" else Path(calibration)
+    if not path.is_file():
+        if calibration == "auto":
+            return 1.0
+        raise UsageError(f"{path}: calibration file not found")
+    try:
+        temperature = read_temperature(path, model_path)
+    except (ValueError, KeyError) as error:
+        raise UsageError(str(error)) from error
+    log.info("calibration: temperature %.4f from %s", temperature, path)
+    return temperature
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -236,6 +263,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         device = resolve_device(args.device)
     except RuntimeError as error:
         raise UsageError(str(error).replace("compute.device", "--device")) from error
+    temperature = resolve_temperature(args.model, args.calibration)
     paths = list_inputs(args.inputs)
     if not paths:
         raise UsageError(f"no files found in {', '.join(map(str, args.inputs))}")
@@ -247,6 +275,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         device=device,
         num_workers=args.num_workers,
+        temperature=temperature,
     )
     formatter = {"table": format_table, "csv": format_csv, "json": format_json}[args.format]
     sys.stdout.write(formatter(results))
@@ -272,6 +301,31 @@ def model_info(path: Path) -> dict[str, Any]:
         "num_parameters": sum(p.numel() for p in model.parameters()),
         "params": meta.get("params", {}),
         "summary": meta.get("summary", {}),
+        "calibration": _calibration_info(path),
+        "environment": meta.get("environment", {}),
+    }
+
+
+def _calibration_info(path: Path) -> dict[str, Any]:
+    """The calibration file evaluate writes beside the model, if any and if it belongs to this
+    version of the model: the temperature, the test metrics and the data fingerprint."""
+    from headstart.calibration import calibration_path, read_temperature
+    from headstart.io import read_json
+
+    calibration = calibration_path(path)
+    if not calibration.is_file():
+        return {"file": None, "temperature": 1.0}
+    try:
+        temperature = read_temperature(calibration, path)
+    except (ValueError, KeyError) as error:
+        return {"file": str(calibration), "temperature": None, "error": str(error)}
+    record = read_json(calibration)
+    # Written by evaluate: the test metrics and the data they were measured on.
+    return {
+        "file": str(calibration),
+        "temperature": temperature,
+        "test": record.get("test", {}),
+        "data_fingerprint": record.get("data_fingerprint"),
     }
 
 
@@ -288,7 +342,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         return 0
     lines = []
     for key, value in info.items():
-        if key in ("params", "summary"):
+        if key in ("params", "summary", "calibration", "environment"):
             lines.extend(f"{k}: {v}" for k, v in _flatten(key, value))
         elif key == "classes":
             lines.append(f"classes: {', '.join(value)}")
@@ -299,18 +353,16 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from headstart.export import sidecar, to_torchscript
+    from headstart.export import export_torchscript
     from headstart.io import write_bytes, write_json
 
     out: Path = args.out
     side = out.with_suffix(".json")
     if side == out:
         raise UsageError(f"{out}: the sidecar would overwrite the export; use e.g. model.pt")
-    model, meta = _load_model(args.model)
-    data = to_torchscript(model, meta)
-    description = sidecar(meta)
-    description["model_sha256"] = hashlib.sha256(data).hexdigest()
-    description["source"] = {"path": str(args.model), "sha256": _sha256(args.model)}
+    _load_model(args.model)  # a usage error (exit 2) for a missing or unusable model file
+    temperature = resolve_temperature(args.model, args.calibration)
+    data, description = export_torchscript(args.model, temperature)
     write_bytes(out, data)
     write_json(side, description)
     sys.stdout.write(f"{out}\n{side}\n")
@@ -335,6 +387,13 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--batch-size", type=int, default=32)
     predict.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     predict.add_argument("--num-workers", type=int, default=0, help="decoding processes")
+    predict.add_argument(
+        "--calibration",
+        default="auto",
+        metavar="auto|none|FILE",
+        help="temperature for the probabilities: auto (default) uses MODEL's .calibration.json "
+        "beside it when present",
+    )
     predict.set_defaults(run=cmd_predict)
 
     info = commands.add_parser("info", help="describe a checkpoint")
@@ -348,6 +407,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("model", type=Path)
     export.add_argument("out", type=Path, help="e.g. model.ts.pt; the sidecar is OUT.json")
     export.add_argument("--format", choices=("torchscript",), default="torchscript")
+    export.add_argument(
+        "--calibration",
+        default="auto",
+        metavar="auto|none|FILE",
+        help="temperature built into the exported probabilities (as for predict)",
+    )
     export.set_defaults(run=cmd_export)
     return parser
 

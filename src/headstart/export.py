@@ -9,9 +9,12 @@ size, mean and std, and the resize (short side, bicubic) + centre crop that trai
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import warnings
+import zipfile
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,18 +28,22 @@ EXPORT_FORMAT = 1
 
 
 class NormalisedClassifier(nn.Module):
-    """float (B, 3, S, S) in [0, 1] -> normalise -> Classifier -> softmax (B, num_classes)."""
+    """float (B, 3, S, S) in [0, 1] -> normalise -> Classifier -> softmax(logits / T).
 
-    def __init__(self, model: Classifier, mean, std):
+    T is the calibration temperature (headstart.calibration; 1.0 when uncalibrated).
+    """
+
+    def __init__(self, model: Classifier, mean, std, temperature: float = 1.0):
         super().__init__()
         self.model = model
+        self.temperature = float(temperature)
         # (1, 3, 1, 1) so they broadcast over the batch and the pixels.
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         logits = self.model((images - self.mean) / self.std)  # (B, num_classes)
-        return torch.softmax(logits, dim=1)
+        return torch.softmax(logits / self.temperature, dim=1)
 
 
 class AcceptUint8(nn.Module):
@@ -57,7 +64,7 @@ class AcceptUint8(nn.Module):
         return self.inner(images)
 
 
-def sidecar(meta: dict[str, Any]) -> dict[str, Any]:
+def sidecar(meta: dict[str, Any], temperature: float = 1.0) -> dict[str, Any]:
     """What a user of the TorchScript file needs, as plain JSON."""
     size = int(meta["image_size"])
     return {
@@ -81,15 +88,18 @@ def sidecar(meta: dict[str, Any]) -> dict[str, Any]:
         },
         "output": {
             "shape": ["B", len(meta["classes"])],
-            "meaning": "class probabilities (softmax), in the order of `classes`",
+            "meaning": "class probabilities, softmax(logits / temperature), in the order of "
+            "`classes`",
         },
+        # Fitted on the validation split by evaluate (evaluate.calibrate); 1.0: as trained.
+        "temperature": float(temperature),
     }
 
 
-def to_torchscript(model: Classifier, meta: dict[str, Any]) -> bytes:
+def to_torchscript(model: Classifier, meta: dict[str, Any], temperature: float = 1.0) -> bytes:
     """Trace the normalised classifier at the checkpoint's image size; return the file bytes."""
     size = int(meta["image_size"])
-    inner = NormalisedClassifier(model, meta["mean"], meta["std"]).eval().cpu()
+    inner = NormalisedClassifier(model, meta["mean"], meta["std"], temperature).eval().cpu()
     example = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))
     with warnings.catch_warnings():
         # "same" padding computed from the input shape becomes a constant: correct, because
@@ -115,4 +125,52 @@ def to_torchscript(model: Classifier, meta: dict[str, Any]) -> bytes:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         torch.jit.save(scripted, buffer)
+    return strip_debug_info(buffer.getvalue())
+
+
+def strip_debug_info(data: bytes) -> bytes:
+    """The TorchScript archive without its `*.debug_pkl` records.
+
+    Those records map the compiled code back to Python source lines for error messages, and
+    name the source files by absolute path (this checkout, the environment's site-packages):
+    the same model exported from two folders would differ in bytes, and a DVC output with it.
+    torch.jit.load does not need them (pytorch/pytorch#123066). The archive's
+    `.data/serialization_id` is computed by torch from the CRCs of every record, the debug ones
+    included, so it is recomputed from what remains. The archive is rewritten with its records
+    in their order, stored uncompressed with a fixed date, so the bytes depend only on the model.
+    """
+    source = zipfile.ZipFile(io.BytesIO(data))
+    kept = [
+        (info.filename, source.read(info.filename))
+        for info in source.infolist()
+        if not info.filename.endswith(".debug_pkl")
+    ]
+    digest = hashlib.sha256()
+    for name, content in kept:
+        if not name.endswith("/.data/serialization_id"):
+            digest.update(name.encode("utf-8") + b"\0" + content)
+    # torch's id is a decimal string (two concatenated 64-bit numbers); 40 digits here too.
+    serialization_id = f"{int.from_bytes(digest.digest()[:16], 'big'):040d}".encode("ascii")
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as target:
+        for name, content in kept:
+            if name.endswith("/.data/serialization_id"):
+                content = serialization_id
+            record = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+            record.compress_type = zipfile.ZIP_STORED
+            target.writestr(record, content)
     return buffer.getvalue()
+
+
+def export_torchscript(model_path: Path, temperature: float = 1.0) -> tuple[bytes, dict[str, Any]]:
+    """The TorchScript bytes and the sidecar description for the checkpoint at `model_path`
+    (what `headstart export` and the export stage write; the caller writes atomically)."""
+    from headstart.calibration import sha256_file
+    from headstart.model import load_classifier
+
+    model, meta = load_classifier(model_path)
+    data = to_torchscript(model, meta, temperature)
+    description = sidecar(meta, temperature)
+    description["model_sha256"] = hashlib.sha256(data).hexdigest()
+    description["source"] = {"path": str(model_path), "sha256": sha256_file(model_path)}
+    return data, description

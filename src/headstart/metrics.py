@@ -35,3 +35,51 @@ def confusion_records(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]
         {"actual": classes[t], "predicted": classes[p]}
         for t, p in zip(y_true.tolist(), y_pred.tolist(), strict=True)
     ]
+
+
+def confusion_counts(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
+    """(num_classes, num_classes) int64: row = actual class, column = predicted class."""
+    counts = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(counts, (np.asarray(y_true), np.asarray(y_pred)), 1)
+    return counts
+
+
+def most_confused(counts: np.ndarray, classes: list[str], top: int = 5) -> list[dict]:
+    """The `top` largest off-diagonal cells, largest first (ties by actual, then predicted):
+    {actual, predicted, count, share} with share = count / test images of the actual class."""
+    cells = [
+        (int(counts[a, p]), a, p)
+        for a in range(len(classes))
+        for p in range(len(classes))
+        if a != p and counts[a, p] > 0
+    ]
+    cells.sort(key=lambda cell: (-cell[0], cell[1], cell[2]))
+    return [
+        {
+            "actual": classes[a],
+            "predicted": classes[p],
+            "count": count,
+            "share": round(count / int(counts[a].sum()), 6),
+        }
+        for count, a, p in cells[:top]
+    ]
+
+
+def per_class_f1_records(reports: dict[str, dict], classes: list[str]) -> list[dict]:
+    """One record per class with each model's test F1 ({class, head, finetuned}): the input of
+    DVC's bar_horizontal template."""
+    return [
+        {"class": name, **{model: r["per_class"][name]["f1"] for model, r in reports.items()}}
+        for name in classes
+    ]
+
+
+def worst_misclassified(probabilities: np.ndarray, y_true: np.ndarray, top: int = 16) -> list[int]:
+    """Indices of the wrong predictions made with the highest confidence, most confident first
+    (ties broken by index, so the choice is deterministic)."""
+    probabilities = np.asarray(probabilities)
+    predicted = probabilities.argmax(axis=1)
+    confidence = probabilities.max(axis=1)
+    wrong = np.flatnonzero(predicted != np.asarray(y_true))
+    order = sorted(wrong.tolist(), key=lambda i: (-float(confidence[i]), i))
+    return order[:top]

@@ -160,12 +160,23 @@ class FinetuneParams:
 
 
 @dataclass(frozen=True)
+class EvaluateParams:
+    """Test metrics and calibration (read by evaluate)."""
+
+    calibrate: bool  # fit a temperature on the validation split for predict and export
+
+    def validate(self) -> None:
+        pass  # a bool is all it can be; _coerce has checked the type
+
+
+@dataclass(frozen=True)
 class Params:
     data: DataParams
     backbone: BackboneParams
     compute: ComputeParams
     head: HeadParams
     finetune: FinetuneParams
+    evaluate: EvaluateParams
 
 
 def _check(ok: bool, key: str, problem: str) -> None:

@@ -1,0 +1,40 @@
+"""Stage export: the fine-tuned model as TorchScript, for serving without headstart.
+
+    python stages/export.py FINETUNED_MODEL CALIBRATION EXPORT
+
+Writes EXPORT (TorchScript: uint8 or [0, 1] float NCHW images at the model's input size in,
+probabilities out, the calibration temperature built in) and, beside it, EXPORT with the suffix
+.json: classes, input size, normalisation and preprocessing steps, as `headstart export` does.
+CALIBRATION is the file evaluate writes beside the model. Reads no params.
+"""
+
+import argparse
+import logging
+from pathlib import Path
+
+from headstart.calibration import read_temperature
+from headstart.export import export_torchscript
+from headstart.io import write_bytes, write_json
+from headstart.stage import run
+
+log = logging.getLogger("headstart.export")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for name in ("finetuned_model", "calibration", "export"):
+        parser.add_argument(name, type=Path)
+    args = parser.parse_args(argv)
+    sidecar = args.export.with_suffix(".json")
+    if sidecar == args.export:
+        raise ValueError(f"{args.export}: needs a suffix other than .json (the sidecar's)")
+
+    temperature = read_temperature(args.calibration, args.finetuned_model)
+    data, description = export_torchscript(args.finetuned_model, temperature)
+    write_bytes(args.export, data)
+    write_json(sidecar, description)
+    log.info("exported %s (temperature %.4f) and %s", args.export, temperature, sidecar)
+
+
+if __name__ == "__main__":
+    raise SystemExit(run(main))

@@ -1,0 +1,170 @@
+"""The model card's content, from hand-made inputs: what a reader needs, nothing that varies."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from headstart.metrics import classification_report, confusion_counts, most_confused
+from headstart.report import data_fingerprint, render_model_card, wilson_interval
+
+CLASSES = ["cat", "dog", "fox|wolf"]  # a pipe, which a Markdown table must escape
+Y_TRUE = np.array([0, 0, 0, 0, 1, 1, 1, 1, 2, 2])
+FINETUNED = np.array([0, 0, 0, 1, 1, 1, 1, 1, 1, 2])  # cat->dog once, fox|wolf->dog once
+HEAD = np.array([0, 0, 1, 1, 1, 1, 0, 1, 1, 1])
+ENVIRONMENT = {
+    "python": "3.11.7",
+    "packages": {"torch": "2.14.1", "torchvision": "0.29.1", "dvc": "3.67.1"},
+    "platform": "Linux x86_64",
+    "cpu": "Some CPU",
+    "cpu_capability": "AVX2",
+    "torch_threads": 2,
+    "device": "cpu",
+}
+
+
+def _inputs(calibrated: bool = True) -> dict:
+    reports = {
+        "head": classification_report(Y_TRUE, HEAD, CLASSES),
+        "finetuned": classification_report(Y_TRUE, FINETUNED, CLASSES),
+    }
+    metrics = {
+        name: {"accuracy": r["accuracy"], "macro_f1": r["macro_f1"], "ece": 0.1}
+        for name, r in reports.items()
+    }
+    metrics["finetuned"] |= {"ece_calibrated": 0.05 if calibrated else 0.1, "temperature": 0.8}
+    metrics["test_images"] = len(Y_TRUE)
+    calibration = {"fitted": calibrated, "temperature": 0.8 if calibrated else 1.0}
+    if calibrated:
+        calibration |= {"val_images": 9, "val_nll_before": 0.5, "val_nll_after": 0.4}
+    rows = [{"sha256": f"{i:064x}", "label": CLASSES[i % 3], "split": "train"} for i in range(30)]
+    return {
+        "model_meta": {
+            "backbone": "resnet18",
+            "classes": CLASSES,
+            "image_size": 96,
+            "mean": [0.485, 0.456, 0.406],
+            "std": [0.229, 0.224, 0.225],
+            "params": {
+                "backbone": {"name": "resnet18", "weights": "pretrained", "image_size": "auto"},
+                "finetune": {"unfreeze": 2, "lr_head": 0.001},
+            },
+            "summary": {"best_epoch": 4, "val_accuracy": 0.9},
+        },
+        "head_meta": {
+            "params": {"kind": "linear", "lr": 0.003},
+            "summary": {"best_epoch": 7, "best_val_accuracy": 0.8},
+        },
+        "model_file": {
+            "path": "models/finetuned.pt",
+            "sha256": "ab" * 32,
+            "num_parameters": 1234567,
+        },
+        "data": {
+            "dir": "data/raw",
+            "fingerprint": data_fingerprint(rows),
+            "report": {
+                "layout": "class folders",
+                "num_images": 40,
+                "num_classes": 3,
+                "num_skipped": 2,
+                "skipped_by_reason": {"hidden": 1, "truncated": 1},
+                "splits": {"train": 24, "val": 6, "test": 10},
+                "counts": {
+                    "cat": {"train": 8, "val": 2, "test": 4},
+                    "dog": {"train": 8, "val": 2, "test": 4},
+                    "fox|wolf": {"train": 8, "val": 2, "test": 2},
+                },
+            },
+        },
+        "metrics": metrics,
+        "reports": reports,
+        "confused": most_confused(confusion_counts(Y_TRUE, FINETUNED, 3), CLASSES),
+        "calibration": calibration | {"file": "models/finetuned.calibration.json"},
+        "environment": {
+            "extract": ENVIRONMENT,
+            "finetune": ENVIRONMENT | {"device": "cuda", "gpu": "NVIDIA H200"},
+            "train_head": None,
+        },
+    }
+
+
+def test_card_sections_and_numbers():
+    card = render_model_card(**_inputs())
+    assert card.startswith("# Model card: resnet18 fine-tuned on 3 classes\n")
+    headings = [line for line in card.splitlines() if line.startswith("## ")]
+    assert headings == [
+        "## Model",
+        "## Data",
+        "## Training",
+        "## Test metrics (10 images)",
+        "## Most confused classes (fine-tuned, test)",
+        "## Calibration",
+        "## Environment",
+    ]
+    # Model and data
+    assert "| backbone weights | `pretrained` |" in card
+    assert "| parameters | 1,234,567 |" in card
+    assert "| cat | 8 | 2 | 4 | 14 |" in card
+    assert "| fox\\|wolf | 8 | 2 | 2 | 12 |" in card  # the pipe escaped
+    assert "| **total** | 24 | 6 | 10 | 40 |" in card
+    assert "Skipped: 1 hidden, 1 truncated" in card
+    assert _inputs()["data"]["fingerprint"] in card
+    # Params of every stage, metrics of both models
+    assert "| `finetune.unfreeze` | `2` |" in card and "| `head.lr` | `0.003` |" in card
+    assert "| fine-tuned | 0.8000 |" in card and "| head on cached features | 0.5000 |" in card
+    # Confusions, largest first, with the share of the actual class
+    assert "| cat | dog | 1 | 25.0% |" in card
+    assert "| fox\\|wolf | dog | 1 | 50.0% |" in card
+    # Calibration
+    assert "| fine-tuned, temperature 0.8000 | 0.0500 |" in card
+    assert "underconfident" in card
+    # Environment: a missing record is a dash; a GPU shows when one was used
+    assert "|  | extract | train_head | finetune |" in card
+    assert "| device | cpu | – | cuda |" in card
+    assert "| gpu | – | – | NVIDIA H200 |" in card
+
+
+def test_card_without_calibration_and_without_mistakes():
+    inputs = _inputs(calibrated=False)
+    inputs["confused"] = []
+    card = render_model_card(**inputs)
+    assert "No temperature fitted (`evaluate.calibrate: false`)" in card
+    assert "temperature 1.0000" not in card
+    assert "No test image was misclassified." in card
+
+
+def test_card_is_deterministic_and_has_no_dates():
+    first, second = render_model_card(**_inputs()), render_model_card(**_inputs())
+    assert first == second
+    assert "202" not in first.replace("data", "")  # no year of a timestamp anywhere
+    assert first.endswith("\n") and "\r" not in first
+
+
+def test_data_fingerprint_ignores_order_and_paths():
+    rows = [
+        {"path": "a/1.png", "sha256": "11", "label": "a", "split": "train"},
+        {"path": "b/2.png", "sha256": "22", "label": "b", "split": "test"},
+    ]
+    moved = [r | {"path": "elsewhere/" + r["path"]} for r in reversed(rows)]
+    assert data_fingerprint(rows) == data_fingerprint(moved)
+    relabelled = [rows[0], rows[1] | {"split": "val"}]
+    assert data_fingerprint(rows) != data_fingerprint(relabelled)
+
+
+def test_wilson_interval():
+    low, high = wilson_interval(95, 100)
+    assert low == pytest.approx(0.8883, abs=1e-3) and high == pytest.approx(0.9785, abs=1e-3)
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+    assert wilson_interval(10, 10)[1] == pytest.approx(1.0)
+
+
+def test_most_confused_orders_by_count_then_class():
+    counts = np.array([[5, 3, 1], [3, 6, 0], [0, 3, 2]])
+    pairs = most_confused(counts, ["a", "b", "c"], top=3)
+    assert [(p["actual"], p["predicted"], p["count"]) for p in pairs] == [
+        ("a", "b", 3),
+        ("b", "a", 3),
+        ("c", "b", 3),
+    ]
+    assert pairs[2]["share"] == pytest.approx(0.6)
