@@ -125,9 +125,14 @@ def test_table_shows_every_digit_and_marks_differences():
     assert same.split() == ["metrics/evaluate.json", "test_images", "290", "290", "ok"]
 
 
-def test_metrics_files_are_the_top_level_metrics_of_dvc_yaml():
-    assert "metrics/evaluate.json" in check.metrics_files(PROJECT)
-    assert "metrics/data.json" in check.metrics_files(PROJECT)
+def test_metrics_files_are_the_metrics_of_dvc_yaml():
+    """The top-level `metrics:` and each stage's own."""
+    assert check.metrics_files(PROJECT) == [
+        "metrics/evaluate.json",
+        "metrics/data.json",
+        "dvclive/train_head/metrics.json",
+        "dvclive/finetune/metrics.json",
+    ]
 
 
 def test_committed_metrics_are_read_from_the_commit(tmp_path):

@@ -13,7 +13,7 @@ What it does:
    cache, or from the default remote when they are not in it. Everything else is recomputed.
 3. `dvc repro --force` there (every stage runs), with this Python environment (`dvc` and
    `python` from it; the clone's own `src/` on PYTHONPATH).
-4. Compare every value of the metrics files (the top-level `metrics:` of dvc.yaml) with the
+4. Compare every value of the metrics files (the `metrics:` of dvc.yaml, top-level and per stage) with the
    committed files, print a table, exit 1 when any value is outside the tolerance.
 
 Exact (the default) means equal values, and every output's hash equal to the committed
@@ -163,9 +163,14 @@ def changed_outputs(committed: Mapping[str, str], reproduced: Mapping[str, str])
 
 
 def metrics_files(repo: Path) -> list[str]:
-    """The top-level `metrics:` of the repository's dvc.yaml."""
+    """The metrics files of the repository's dvc.yaml: its top-level `metrics:`, then each
+    stage's own `metrics:` (entries are a path, or a mapping of a path to its options)."""
     pipeline = yaml.safe_load((repo / "dvc.yaml").read_text(encoding="utf-8"))
-    return list(pipeline.get("metrics") or [])
+    entries = list(pipeline.get("metrics") or [])
+    for stage in (pipeline.get("stages") or {}).values():
+        entries += stage.get("metrics") or []
+    paths = [entry if isinstance(entry, str) else next(iter(entry)) for entry in entries]
+    return list(dict.fromkeys(paths))
 
 
 def read_metrics(repo: Path, paths: Iterable[str]) -> dict[str, dict | None]:
@@ -270,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         "--metrics",
         nargs="+",
         metavar="PATH",
-        help="metrics files to compare (default: the top-level `metrics:` of dvc.yaml)",
+        help="metrics files to compare (default: every `metrics:` of dvc.yaml)",
     )
     parser.add_argument(
         "--keep", action="store_true", help="keep the temporary clone (its path is printed)"
