@@ -13,8 +13,9 @@ What it does:
    cache, or from the default remote when they are not in it. Everything else is recomputed.
 3. `dvc repro --force` there (every stage runs), with this Python environment (`dvc` and
    `python` from it; the clone's own `src/` on PYTHONPATH).
-4. Compare every value of the metrics files (the `metrics:` of dvc.yaml, top-level and per stage) with the
-   committed files, print a table, exit 1 when any value is outside the tolerance.
+4. Compare every value of the metrics files (the `metrics:` of dvc.yaml, top-level and per
+   stage) with the committed files, print a table, exit 1 when any value is outside the
+   tolerance.
 
 Exact (the default) means equal values, and every output's hash equal to the committed
 dvc.lock: on the machine that made the committed run the pipeline is byte-identical. With
