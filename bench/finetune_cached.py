@@ -56,7 +56,8 @@ def main() -> None:
     unfreeze = ft.unfreeze if args.unfreeze is None else args.unfreeze
     set_threads(params.compute.threads)
     device = torch.device("cpu")
-    precision = resolve_precision(params.compute.precision, device)
+    precision = resolve_precision(params.compute.precision, device, training=True)
+    frozen_precision = resolve_precision(params.compute.precision, device)
     prepared = load_prepared(args.data, args.prepared)
     head_state, head_meta = load_checkpoint(args.head)
     size = head_meta["features_meta"]["image_size"]
@@ -89,7 +90,13 @@ def main() -> None:
             bottom, trainee = split_at_cut(model, unfreeze)
             activations = {
                 split: cache_activations(
-                    bottom, images(split), device, scratch / f"{split}.npy", split, None, precision
+                    bottom,
+                    images(split),
+                    device,
+                    scratch / f"{split}.npy",
+                    split,
+                    None,
+                    frozen_precision,
                 )
                 for split in ("train", "val")
             }

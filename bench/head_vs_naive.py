@@ -53,14 +53,16 @@ def main() -> None:
     transform = eval_transform(size, spec.mean, spec.std)
     set_threads(params.compute.threads)
     device = torch.device("cpu")
-    precision = resolve_precision(params.compute.precision, device)  # both sides alike
+    # Extraction at compute.precision, as the extract stage runs it, and the head trained in
+    # float32, as train_head does; the usual loop runs at compute.precision throughout (its
+    # frozen backbone is the bulk of its work).
+    precision = resolve_precision(params.compute.precision, device)
     head = params.head
     fit_options = {
         "epochs": args.epochs,
         "patience": args.epochs,  # no early stop: both sides run every epoch
         "label_smoothing": head.label_smoothing,
         "device": device,
-        "precision": precision,
     }
 
     def images(split: str) -> DataLoader:
@@ -148,6 +150,7 @@ def main() -> None:
         groups,
         train_mode=lambda m: train_mode(m, frozen, "frozen"),
         desc="usual loop",
+        precision=precision,
         **fit_options,
     )
     logits, labels = run_inference(

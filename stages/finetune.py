@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> None:
         )
     set_threads(params.compute.threads)
     device = resolve_device(params.compute.device)
-    precision = resolve_precision(params.compute.precision, device)
+    precision = resolve_precision(params.compute.precision, device, training=True)
+    frozen_precision = resolve_precision(params.compute.precision, device)  # inference only
     log.info("fine-tuning on %s (%s)", device, precision_name(precision))
     generator = seed_everything(ft.seed)
     model = Classifier(
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
                     scratch / f"{split}.npy",
                     desc=f"cache {split} activations",
                     batch_size_key="finetune.batch_size",
-                    precision=precision,
+                    precision=frozen_precision,
                 )
                 for split in ("train", "val")
             }

@@ -504,6 +504,9 @@ def test_precision_resolution():
     assert resolve_precision("float16", CPU) is torch.float16
     # auto: bfloat16 on CPUs with native support, float32 on the others.
     assert resolve_precision("auto", CPU) is (torch.bfloat16 if cpu_has_native_bf16() else None)
+    # Training steps on a CPU stay float32 under auto (bfloat16 was no faster there).
+    assert resolve_precision("auto", CPU, training=True) is None
+    assert resolve_precision("bfloat16", CPU, training=True) is torch.bfloat16
 
 
 def test_set_threads():
