@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from headstart.backbones import build_backbone
-from headstart.data import eval_transform, image_loader, load_prepared
+from headstart.data import eval_transform, image_loader, load_prepared, sampling
 from headstart.io import load_checkpoint
 from headstart.model import (
     Classifier,
@@ -57,7 +57,6 @@ def main() -> None:
     set_threads(params.compute.threads)
     device = torch.device("cpu")
     precision = resolve_precision(params.compute.precision, device, training=True)
-    frozen_precision = resolve_precision(params.compute.precision, device)
     prepared = load_prepared(args.data, args.prepared)
     head_state, head_meta = load_checkpoint(args.head)
     size = head_meta["features_meta"]["image_size"]
@@ -96,14 +95,20 @@ def main() -> None:
                     scratch / f"{split}.npy",
                     split,
                     None,
-                    frozen_precision,
+                    precision,
                 )
                 for split in ("train", "val")
             }
             train = DataLoader(
-                activations["train"], batch_size=ft.batch_size, shuffle=True, generator=generator
+                activations["train"],
+                batch_size=ft.batch_size,
+                **sampling(activations["train"], True, generator),
             )
-            val = DataLoader(activations["val"], batch_size=ft.batch_size)
+            val = DataLoader(
+                activations["val"],
+                batch_size=ft.batch_size,
+                **sampling(activations["val"], False, None),
+            )
         else:
             trainee, train = model, images("train", shuffle=True, generator=generator)
             val = images("val")

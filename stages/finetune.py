@@ -22,7 +22,13 @@ from dvclive import Live
 from torch.utils.data import DataLoader
 
 from headstart.backbones import build_backbone
-from headstart.data import eval_transform, image_loader, load_prepared, train_transform
+from headstart.data import (
+    eval_transform,
+    image_loader,
+    load_prepared,
+    sampling,
+    train_transform,
+)
 from headstart.environment import describe
 from headstart.io import load_checkpoint, save_checkpoint
 from headstart.model import (
@@ -65,8 +71,9 @@ def main(argv: list[str] | None = None) -> None:
         )
     set_threads(params.compute.threads)
     device = resolve_device(params.compute.device)
+    # The cached activations below are computed at this precision too: the same numbers the
+    # frozen blocks give inside a training step, so both paths train the same model.
     precision = resolve_precision(params.compute.precision, device, training=True)
-    frozen_precision = resolve_precision(params.compute.precision, device)  # inference only
     log.info("fine-tuning on %s (%s)", device, precision_name(precision))
     generator = seed_everything(ft.seed)
     model = Classifier(
@@ -114,14 +121,19 @@ def main(argv: list[str] | None = None) -> None:
                     scratch / f"{split}.npy",
                     desc=f"cache {split} activations",
                     batch_size_key="finetune.batch_size",
-                    precision=frozen_precision,
+                    precision=precision,
                 )
                 for split in ("train", "val")
             }
+            # The same batch order as image_loader gives (see data.sampling).
             train = DataLoader(
-                cached["train"], batch_size=ft.batch_size, shuffle=True, generator=generator
+                cached["train"],
+                batch_size=ft.batch_size,
+                **sampling(cached["train"], True, generator),
             )
-            val = DataLoader(cached["val"], batch_size=ft.batch_size)
+            val = DataLoader(
+                cached["val"], batch_size=ft.batch_size, **sampling(cached["val"], False, None)
+            )
         else:
             log.info(
                 "augment %s, unfreeze %d of %d blocks: every epoch runs the whole backbone",

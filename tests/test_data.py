@@ -355,3 +355,45 @@ def test_index_entries_must_stay_inside_data_dir(tmp_path, image_folder):
     write_csv(prepared / "index.csv", INDEX_HEADER, escaping)
     with pytest.raises(ValueError, match=r"\.\./secret\.png.*leaves"):
         load_prepared(image_folder, prepared)
+
+
+def test_batch_order_depends_on_the_generator_alone(image_folder):
+    """Images from files through worker processes and cached tensors loaded in-process visit
+    the samples in the same order, epoch after epoch, and leave torch's global random stream
+    alone (dropout and stochastic depth draw from it during training)."""
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    rows = [
+        {"path": s.path, "label": s.label} for s in data.index_image_folder(image_folder).samples
+    ]
+    classes = {c: i for i, c in enumerate(sorted({r["label"] for r in rows}))}
+    transform = data.eval_transform(8, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    files = data.image_loader(
+        image_folder,
+        rows,
+        classes,
+        transform,
+        decode_size=8,
+        batch_size=5,
+        num_workers=2,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(3),
+    )
+    # Tensors that carry each sample's position, so the order can be compared.
+    positions = TensorDataset(torch.arange(len(rows)), torch.arange(len(rows)))
+    tensors = DataLoader(
+        positions, batch_size=5, **data.sampling(positions, True, torch.Generator().manual_seed(3))
+    )
+    torch.manual_seed(0)
+    expected_global = torch.rand(1)
+    torch.manual_seed(0)
+    from_files, from_tensors = [], []
+    for _ in range(3):
+        from_files.append(torch.cat([labels for _, labels in files]).tolist())
+        from_tensors.append([classes[rows[i]["label"]] for i in torch.cat([i for i, _ in tensors])])
+    del files
+    assert torch.rand(1) == expected_global  # nothing drew from the global generator
+    assert from_files == from_tensors
+    assert from_files[0] != from_files[1]  # a new permutation each epoch
+    assert from_files[0] != sorted(from_files[0])  # shuffled

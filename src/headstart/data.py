@@ -15,6 +15,7 @@ import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -428,7 +429,9 @@ def image_loader(
     generator: torch.Generator | None = None,
 ) -> torch.utils.data.DataLoader:
     """Batches of (images (B, 3, S, S), labels (B,)) for index rows; workers seeded and ordered.
-    `decode_size` is the transform's input size S (see ImageDataset)."""
+    `decode_size` is the transform's input size S (see ImageDataset); `shuffle` and
+    `generator` as in `sampling`.
+    """
     dataset = ImageDataset(
         root,
         [r["path"] for r in rows],
@@ -439,12 +442,27 @@ def image_loader(
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
         num_workers=num_workers,
-        generator=generator,
         worker_init_fn=_seed_worker,
         persistent_workers=num_workers > 0,
+        **sampling(dataset, shuffle, generator),
     )
+
+
+def sampling(dataset, shuffle: bool, generator: torch.Generator | None) -> dict[str, Any]:
+    """DataLoader arguments that make the batch order a function of `generator` alone.
+
+    The shuffle draws one permutation per epoch from `generator`, and nothing else does: a
+    DataLoader also draws a seed from its own generator (or torch's global one) whenever it
+    starts an iterator, which happens once for persistent worker processes but every epoch
+    for in-process loading, and would shift both the order and the global random stream
+    (dropout, stochastic depth). So the loader gets a private generator, seeded from
+    `generator`'s seed without consuming it: images from files and cached tensors are then
+    visited in the same order, and training draws the same random numbers.
+    """
+    seed = generator.initial_seed() if generator is not None else 0
+    sampler = torch.utils.data.RandomSampler(dataset, generator=generator) if shuffle else None
+    return {"sampler": sampler, "generator": torch.Generator().manual_seed(seed)}
 
 
 def _seed_worker(worker_id: int) -> None:

@@ -98,8 +98,8 @@ def resolve_precision(
     """The autocast dtype for `compute.precision` on `device`; None means plain float32.
 
     auto: on GPUs, bfloat16 where supported (else float16), for inference and training; on
-    CPUs with native bfloat16, bfloat16 for inference only (extraction, cached activations:
-    2.1-2.5x faster here) and float32 for training steps, where bfloat16 was no faster
+    CPUs with native bfloat16, bfloat16 for inference only (extraction: 2.1-2.5x faster
+    here) and float32 for fine-tuning (`training`), where bfloat16 was no faster
     (0.8x at 96 px, 1.1x at 224 px on this project's CPU); float32 everywhere else. Outputs
     written to disk (features, weights) stay float32.
     """
