@@ -114,7 +114,7 @@ def test_metrics_and_params_diff_between_commits(baseline, tmp_path):
     epochs = FAST["head.epochs"] + 3  # fewer than head.patience: every epoch runs
     _set_params(repo, {"head.epochs": epochs})
     output = run(repo, "dvc", "repro")
-    assert ran_stages(output) == {"train_head", "finetune", "evaluate"}, output
+    assert ran_stages(output) == {"train_head", "finetune", "evaluate", "export"}, output
     run(repo, "git", "commit", "-q", "-am", "more head epochs")
 
     metrics = json.loads(run(repo, "dvc", "metrics", "diff", "HEAD~1", "HEAD", "--json"))
@@ -157,11 +157,11 @@ def test_push_clone_pull_is_up_to_date_and_the_run_cache_travels(baseline, tmp_p
         assert (machine_b / name).read_bytes() == content, name
     assert UP_TO_DATE in run(machine_b, "dvc", "status")
 
-    # C has the run-cache and the images, no outputs: a stage DVC could save to the run-cache
-    # is restored from it, the others run (with dvc.yaml as it is: prepare runs, extract is
-    # restored; see test_every_stage_is_run_cacheable).
+    # C has the run-cache and the images, no outputs: a stage whose outputs are all in the DVC
+    # cache is restored from it (extract); a stage with git-tracked outputs runs (prepare), as
+    # `dvc push --run-cache` does not send those (see _not_restorable_elsewhere).
     machine_c = _git_clone(machine_a, tmp_path / "c")
-    not_cached = set(_not_run_cached(machine_c))
+    not_cached = _not_restorable_elsewhere(machine_c)
     assert "extract" not in not_cached
     run(machine_c, "dvc", "fetch", "--run-cache")
     run(machine_c, "dvc", "checkout", "data/raw.dvc")
@@ -174,13 +174,28 @@ def test_push_clone_pull_is_up_to_date_and_the_run_cache_travels(baseline, tmp_p
     # variant. Whatever runs again on C gives byte for byte what it gave on A.
     variant = {"head.epochs": FAST["head.epochs"] + 1}
     _set_params(machine_a, variant)
-    assert ran_stages(run(machine_a, "dvc", "repro")) == {"train_head", "finetune", "evaluate"}
+    assert ran_stages(run(machine_a, "dvc", "repro")) == {
+        "train_head",
+        "finetune",
+        "evaluate",
+        "export",
+    }
     run(machine_a, "dvc", "push", "--run-cache")
     _set_params(machine_c, variant)
     rerun = run(machine_c, "dvc", "repro", "--pull")
-    _assert_ran_or_restored(rerun, {"train_head", "finetune", "evaluate"}, not_cached)
+    _assert_ran_or_restored(rerun, {"train_head", "finetune", "evaluate", "export"}, not_cached)
+
     assert _lock(machine_c) == _lock(machine_a)
     assert UP_TO_DATE in run(machine_c, "dvc", "status")
+
+    # On A itself, back to the committed params: everything but evaluate and export comes
+    # back from the local run-cache, git-tracked curves and metrics included.
+    _set_params(machine_a, {"head.epochs": FAST["head.epochs"]})
+    back = run(machine_a, "dvc", "repro")
+    _assert_ran_or_restored(
+        back, {"train_head", "finetune", "evaluate", "export"}, set(_not_run_cached(machine_a))
+    )
+    assert _lock(machine_a) == _lock(machine_b)
 
 
 def _not_run_cached(repo: Path) -> dict[str, list[str]]:
@@ -197,6 +212,20 @@ def _not_run_cached(repo: Path) -> dict[str, list[str]]:
         ]
         if uncached:
             blocked[name] = uncached
+    return blocked
+
+
+def _not_restorable_elsewhere(repo: Path) -> set[str]:
+    """The stages another machine cannot restore from a pushed run-cache: those with any
+    `cache: false` output (outs, metrics or plots). `dvc push --run-cache` sends the run-cache
+    entries and the DVC-cached outputs, not the git-tracked ones, and a restore needs all."""
+    pipeline = yaml.safe_load((repo / "dvc.yaml").read_text())
+    blocked = set()
+    for name, stage in pipeline["stages"].items():
+        for kind in ("outs", "metrics", "plots"):
+            for out in stage.get(kind, []):
+                if isinstance(out, dict) and next(iter(out.values())).get("cache") is False:
+                    blocked.add(name)
     return blocked
 
 
@@ -229,9 +258,15 @@ def test_a_rerun_from_scratch_is_byte_identical(baseline, tmp_path):
     # data/raw (the user's images) stays in the workspace; DVC hashes it again.
     shutil.rmtree(repo / ".dvc" / "cache")
     output = run(repo, "dvc", "repro")
-    assert {"digits", "prepare", "extract", "train_head", "finetune", "evaluate"} == ran_stages(
-        output
-    ), output
+    assert {
+        "digits",
+        "prepare",
+        "extract",
+        "train_head",
+        "finetune",
+        "evaluate",
+        "export",
+    } == ran_stages(output), output
     rerun = _out_hashes(_lock(repo))
     different = {name for name in outputs if rerun.get(name) != outputs[name]}
     assert not different, f"not byte-identical after a rerun from scratch: {sorted(different)}"
@@ -272,6 +307,7 @@ def test_reproduce_check_reruns_and_flags_a_changed_metric(baseline, tmp_path):
         "train_head",
         "finetune",
         "evaluate",
+        "export",
     }, output
     rows = [line.split() for line in output.splitlines() if line.endswith((" ok", " DIFF"))]
     assert [row[:2] for row in rows if row[-1] == "DIFF"] == [
