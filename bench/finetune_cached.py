@@ -101,13 +101,10 @@ def main() -> None:
             }
             train = DataLoader(
                 activations["train"],
-                batch_size=ft.batch_size,
-                **sampling(activations["train"], True, generator),
+                **sampling(activations["train"], ft.batch_size, True, generator),
             )
             val = DataLoader(
-                activations["val"],
-                batch_size=ft.batch_size,
-                **sampling(activations["val"], False, None),
+                activations["val"], **sampling(activations["val"], ft.batch_size, False, None)
             )
         else:
             trainee, train = model, images("train", shuffle=True, generator=generator)

@@ -12,7 +12,7 @@ template; PLOTS_DIR/reliability_{head,finetuned,calibrated}.json: reliability di
 PLOTS_DIR/per_class_f1.json; PLOTS_DIR/confusion_finetuned.png and worst_misclassified.png;
 CALIBRATION: the temperature fitted on the validation split (1.0 with evaluate.calibrate:
 false), which predict and export apply; MODEL_CARD: Markdown (headstart.report).
-Reads params: compute, evaluate.calibrate.
+Reads params: compute (device, batch_size, num_workers, threads), evaluate.calibrate.
 """
 
 import argparse
@@ -68,9 +68,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.add_argument(name, type=Path)
     args = parser.parse_args(argv)
     params = load_params()
-    compute = params.compute
-    set_threads(compute.threads)
-    device = resolve_device(compute.device)  # float32, whatever compute.precision: as predict
+    set_threads(params.compute.threads)
+    # float32, whatever compute.precision: as predict
+    device = resolve_device(params.compute.device)
 
     prepared = load_prepared(args.data_dir, args.prepared_dir)
     classes = prepared.classes
@@ -98,8 +98,9 @@ def main(argv: list[str] | None = None) -> None:
         prepared.class_to_index,
         eval_transform(meta["image_size"], meta["mean"], meta["std"]),
         decode_size=meta["image_size"],
-        batch_size=compute.batch_size,
-        num_workers=compute.num_workers,
+        batch_size=params.compute.batch_size,
+        num_workers=params.compute.num_workers,
+        pin_memory=device.type == "cuda",
     )
     logits, labels = run_inference(
         model, loader, device, desc="evaluate finetuned", batch_size_key="compute.batch_size"
@@ -126,8 +127,9 @@ def main(argv: list[str] | None = None) -> None:
                 prepared.class_to_index,
                 eval_transform(meta["image_size"], meta["mean"], meta["std"]),
                 decode_size=meta["image_size"],
-                batch_size=compute.batch_size,
-                num_workers=compute.num_workers,
+                batch_size=params.compute.batch_size,
+                num_workers=params.compute.num_workers,
+                pin_memory=device.type == "cuda",
             ),
             device,
             desc="evaluate val (calibration)",

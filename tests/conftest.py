@@ -91,6 +91,7 @@ def valid_params() -> dict:
             "batch_size": 16,
             "precision": "auto",
             "threads": "auto",
+            "nproc": 1,
         },
         "head": {
             "kind": "linear",

@@ -383,7 +383,7 @@ def test_batch_order_depends_on_the_generator_alone(image_folder):
     # Tensors that carry each sample's position, so the order can be compared.
     positions = TensorDataset(torch.arange(len(rows)), torch.arange(len(rows)))
     tensors = DataLoader(
-        positions, batch_size=5, **data.sampling(positions, True, torch.Generator().manual_seed(3))
+        positions, **data.sampling(positions, 5, True, torch.Generator().manual_seed(3))
     )
     torch.manual_seed(0)
     expected_global = torch.rand(1)

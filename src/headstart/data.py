@@ -13,9 +13,10 @@ import logging
 import os
 import unicodedata
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -23,6 +24,9 @@ from torch.utils.data import Dataset
 from torchvision import transforms
 
 from headstart.images import UnusableImage, decode_image, load_rgb
+
+if TYPE_CHECKING:  # data does not import distributed: prepare does not depend on it
+    from headstart.distributed import World
 
 log = logging.getLogger(__name__)
 
@@ -427,10 +431,12 @@ def image_loader(
     num_workers: int,
     shuffle: bool = False,
     generator: torch.Generator | None = None,
+    world: World | None = None,
+    pin_memory: bool = False,
 ) -> torch.utils.data.DataLoader:
     """Batches of (images (B, 3, S, S), labels (B,)) for index rows; workers seeded and ordered.
-    `decode_size` is the transform's input size S (see ImageDataset); `shuffle` and
-    `generator` as in `sampling`.
+    `decode_size` is the transform's input size S (see ImageDataset); `shuffle`, `generator`
+    and `world` as in `sampling`; `pin_memory` for fast copies to a GPU.
     """
     dataset = ImageDataset(
         root,
@@ -441,16 +447,23 @@ def image_loader(
     )
     return torch.utils.data.DataLoader(
         dataset,
-        batch_size=batch_size,
         num_workers=num_workers,
         worker_init_fn=_seed_worker,
         persistent_workers=num_workers > 0,
-        **sampling(dataset, shuffle, generator),
+        pin_memory=pin_memory,
+        **sampling(dataset, batch_size, shuffle, generator, world),
     )
 
 
-def sampling(dataset, shuffle: bool, generator: torch.Generator | None) -> dict[str, Any]:
-    """DataLoader arguments that make the batch order a function of `generator` alone.
+def sampling(
+    dataset,
+    batch_size: int,
+    shuffle: bool,
+    generator: torch.Generator | None,
+    world: World | None = None,
+) -> dict[str, Any]:
+    """DataLoader arguments (sampler, batch size, generator) that make the batch order a
+    function of `generator` alone, and share the batches among the processes of `world`.
 
     The shuffle draws one permutation per epoch from `generator`, and nothing else does: a
     DataLoader also draws a seed from its own generator (or torch's global one) whenever it
@@ -459,10 +472,76 @@ def sampling(dataset, shuffle: bool, generator: torch.Generator | None) -> dict[
     (dropout, stochastic depth). So the loader gets a private generator, seeded from
     `generator`'s seed without consuming it: images from files and cached tensors are then
     visited in the same order, and training draws the same random numbers.
+
+    With several processes (`world`: this process's distributed.World; None: one process), a
+    shuffled loader (training) deals every global batch out among
+    them (`DealtBatches`, batches of batch_size / world.size), an unshuffled one (inference)
+    gives each process whole batches (`WholeBatches`), gathered back in order by
+    distributed.gather_in_order.
     """
     seed = generator.initial_seed() if generator is not None else 0
-    sampler = torch.utils.data.RandomSampler(dataset, generator=generator) if shuffle else None
-    return {"sampler": sampler, "generator": torch.Generator().manual_seed(seed)}
+    order = torch.utils.data.RandomSampler(dataset, generator=generator) if shuffle else None
+    rank = world.rank if world is not None else 0
+    if world is not None and world.size > 1:
+        if shuffle:
+            order = DealtBatches(order, batch_size, world)
+            batch_size //= world.size
+        else:
+            order = WholeBatches(len(dataset), batch_size, world)
+    # Each rank's worker processes draw their own augmentations (rank 0's are one process's).
+    loader_generator = torch.Generator().manual_seed(seed + rank)
+    return {"sampler": order, "batch_size": batch_size, "generator": loader_generator}
+
+
+class WholeBatches(torch.utils.data.Sampler):
+    """Inference with several processes: the single-process batches (consecutive items,
+    `batch_size` each), batch k to rank k % size. Batched by `batch_size` again, a rank's
+    share falls into exactly those batches (only the very last batch can be short)."""
+
+    def __init__(self, num_items: int, batch_size: int, world: World):
+        self.num_items, self.batch_size, self.world = num_items, batch_size, world
+
+    def __iter__(self) -> Iterator[int]:
+        starts = range(0, self.num_items, self.batch_size)[self.world.rank :: self.world.size]
+        for start in starts:
+            yield from range(start, min(start + self.batch_size, self.num_items))
+
+    def __len__(self) -> int:
+        num_batches = -(-self.num_items // self.batch_size)
+        mine = range(self.world.rank, num_batches, self.world.size)
+        short = num_batches * self.batch_size - self.num_items  # missing from the last batch
+        return len(mine) * self.batch_size - (short if num_batches - 1 in mine else 0)
+
+
+class DealtBatches(torch.utils.data.Sampler):
+    """Training with several processes (DistributedDataParallel): the single-process order
+    (`order`, reshuffled every epoch) cut into global batches of `batch_size`, each dealt out
+    one item per rank in turn, so rank r's k-th batch is items r, r + size, ... of global batch
+    k; with DDP averaging the gradients, a step is the single-process step. Every rank must
+    take the same number of steps: a last global batch with fewer items than ranks is left out
+    (at most size - 1 items an epoch)."""
+
+    def __init__(self, order, batch_size: int, world: World):
+        if batch_size % world.size:
+            raise ValueError(
+                f"a batch of {batch_size} does not split evenly over {world.size} processes; "
+                "make finetune.batch_size a multiple of compute.nproc"
+            )
+        self.order, self.batch_size, self.world = order, batch_size, world
+
+    def __iter__(self) -> Iterator[int]:
+        order = list(self.order)
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start : start + self.batch_size]
+            if len(batch) >= self.world.size:
+                yield from batch[self.world.rank :: self.world.size]
+
+    def __len__(self) -> int:
+        full, rest = divmod(len(self.order), self.batch_size)
+        share = full * (self.batch_size // self.world.size)
+        if rest >= self.world.size:
+            share += len(range(self.world.rank, rest, self.world.size))
+        return share
 
 
 def _seed_worker(worker_id: int) -> None:

@@ -37,10 +37,13 @@ def cpu_name() -> str:
 
 
 def describe(
-    device: torch.device | str | None = None, precision: torch.dtype | None = None
+    device: torch.device | str | None = None,
+    precision: torch.dtype | None = None,
+    processes: int = 1,
 ) -> dict:
     """The environment of this process, as a JSON-ready dict; `device` is the one computing,
-    `precision` its autocast dtype (None: float32)."""
+    `precision` its autocast dtype (None: float32), `processes` how many computed together
+    (torchrun; the threads are each one's)."""
     from headstart.model import precision_name
 
     device = torch.device(device or "cpu")
@@ -53,6 +56,7 @@ def describe(
         "torch_threads": torch.get_num_threads(),
         "device": device.type,
         "precision": precision_name(precision),
+        "processes": processes,
     }
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()

@@ -79,10 +79,15 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 def resolve_device(device: str) -> torch.device:
+    """`compute.device`: auto is CUDA when present, else Apple's MPS, else the CPU."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"compute.device is {device!r} but CUDA is not available; use 'auto'")
+        raise ValueError(f"compute.device is {device!r} but CUDA is not available; use auto")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("compute.device is 'mps' but MPS is not available; use auto")
     return torch.device(device)
 
 
@@ -120,7 +125,8 @@ def precision_name(precision: torch.dtype | None) -> str:
 
 def set_threads(threads: int | str) -> None:
     """`compute.threads`: an int pins torch's CPU thread count; auto keeps torch's default
-    (one per physical core). Results can differ in the last digits between thread counts."""
+    (one per physical core; under compute.nproc, each process's share, see distributed.relaunch).
+    Results can differ in the last digits between thread counts."""
     if threads != "auto":
         torch.set_num_threads(threads)
 

@@ -87,12 +87,13 @@ class ComputeParams:
     batch_size: int
     precision: str
     threads: int | str
+    nproc: int
 
     def validate(self) -> None:
         _check(
-            self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+            self.device in ("auto", "cpu", "mps") or self.device.startswith("cuda"),
             "compute.device",
-            "must be 'auto', 'cpu' or 'cuda[:N]'",
+            "must be 'auto', 'cpu', 'cuda[:N]' or 'mps'",
         )
         _check(self.num_workers >= 0, "compute.num_workers", "must be >= 0")
         _check(self.batch_size >= 1, "compute.batch_size", "must be >= 1")
@@ -105,6 +106,7 @@ class ComputeParams:
             _check(self.threads == "auto", "compute.threads", "must be 'auto' or a thread count")
         else:
             _check(self.threads >= 1, "compute.threads", "must be 'auto' or >= 1")
+        _check(self.nproc >= 1, "compute.nproc", "must be >= 1 (1: one process, no torchrun)")
 
 
 @dataclass(frozen=True)
@@ -243,6 +245,12 @@ def parse_params(raw: Any) -> Params:
         "finetune.unfreeze",
         f"{params.finetune.unfreeze} is more blocks than {params.backbone.name} has ({blocks}); "
         f"use 0..{blocks}",
+    )
+    _check(
+        params.finetune.batch_size % params.compute.nproc == 0,
+        "finetune.batch_size",
+        f"{params.finetune.batch_size} does not split evenly over compute.nproc "
+        f"{params.compute.nproc} processes; make it a multiple of {params.compute.nproc}",
     )
     return params
 

@@ -31,18 +31,21 @@ def _on_sigterm(signum, frame):
     raise Interrupted(f"signal {signum}")
 
 
-def run(main: Callable[[list[str] | None], None], argv: list[str] | None = None) -> int:
-    """Call a stage's main(argv); return the process exit code."""
+def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
+    """Call a stage's main(argv); return the process exit code (main's own, when it returns
+    one: a stage run as several processes under torchrun returns torchrun's)."""
+    # Under torchrun every process logs; ranks other than 0 only warnings and errors, named.
+    rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s %(levelname)s {f'rank {rank} ' if rank else ''}%(name)s: %(message)s",
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
     signal.signal(signal.SIGTERM, _on_sigterm)
     start = time.perf_counter()
     try:
-        main(argv)
+        code = main(argv)
     except (ValueError, FileNotFoundError) as error:
         log.debug("details", exc_info=True)
         log.error("%s", error)
@@ -64,6 +67,8 @@ def run(main: Callable[[list[str] | None], None], argv: list[str] | None = None)
     except Interrupted:
         log.error("interrupted (SIGTERM); no output was recorded")
         return 143
+    if code:
+        return code
     # ru_maxrss is in KiB on Linux; this process only (loader workers are processes of their own).
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     log.info("done in %.1f s, peak memory %.0f MiB", time.perf_counter() - start, peak)

@@ -26,6 +26,16 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from headstart.distributed import (
+    SINGLE,
+    World,
+    batch_share,
+    data_parallel,
+    gather_in_order,
+    is_main_process,
+    sum_over_ranks,
+)
+
 log = logging.getLogger(__name__)
 
 # Said when the caller did not name its batch size key: the keys that set batch sizes.
@@ -119,6 +129,9 @@ def fit(
     if not any(p.requires_grad for g in groups for p in g["params"]):
         raise ValueError("nothing to train: no parameter in the optimizer requires grad")
     model.to(device, memory_format=torch.channels_last)
+    # Under torchrun: DistributedDataParallel for the steps; each rank's batches are its share
+    # of the global batch (data.DealtBatches), and validation sums over the ranks.
+    step_model = data_parallel(model, device)
     optimizer = torch.optim.AdamW(groups)
     # float16 needs loss scaling against gradient underflow; bfloat16 and float32 do not.
     scaler = torch.amp.GradScaler(device.type, enabled=precision is torch.float16)
@@ -133,7 +146,12 @@ def fit(
         for epoch in range(1, epochs + 1):
             train_mode(model)
             total_loss, total_correct, seen = 0.0, 0, 0
-            progress = tqdm(train_batches, desc=f"{desc} epoch {epoch}/{epochs}", leave=False)
+            progress = tqdm(
+                train_batches,
+                desc=f"{desc} epoch {epoch}/{epochs}",
+                leave=False,
+                disable=not is_main_process(),
+            )
             for inputs, targets in progress:
                 inputs, targets = _to_device(inputs, device), targets.to(device)
                 # Cosine decay from each group's own learning rate to zero over all steps.
@@ -141,10 +159,13 @@ def fit(
                 for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
                     group["lr"] = base * scale
                 with _autocast(device, precision):
-                    logits = model(inputs).float()
+                    logits = step_model(inputs).float()
                 loss = loss_fn(logits, targets)
                 optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
+                # DDP averages the ranks' gradients; weighting each rank's mean by its share of
+                # the global batch makes that the global batch's mean when the shares differ
+                # (a last, short batch). 1.0 in one process.
+                scaler.scale(loss * batch_share(len(targets))).backward()
                 scaler.step(optimizer)
                 scaler.update()
                 step += 1
@@ -155,6 +176,7 @@ def fit(
             val_loss, val_accuracy = evaluate_loss_accuracy(
                 model, val_batches, device, batch_size_key, precision
             )
+            total_loss, total_correct, seen = sum_over_ranks([total_loss, total_correct, seen])
             record = {
                 "epoch": epoch,
                 "train_loss": total_loss / seen,
@@ -211,7 +233,7 @@ def iter_inference(
     """
     model.eval().to(device, memory_format=torch.channels_last)
     with _explain_out_of_memory(desc, device, batches, batch_size_key):
-        for inputs, targets in tqdm(batches, desc=desc, leave=False):
+        for inputs, targets in tqdm(batches, desc=desc, leave=False, disable=not is_main_process()):
             with torch.inference_mode(), _autocast(device, precision):
                 outputs = model(_to_device(inputs, device)).float().cpu()
             yield outputs.numpy(), torch.as_tensor(targets).numpy().astype(np.int64)
@@ -225,17 +247,19 @@ def cache_activations(
     desc: str,
     batch_size_key: str | None = None,
     precision: torch.dtype | None = None,
+    world: World = SINGLE,
 ) -> torch.utils.data.TensorDataset:
     """Run a frozen `module` once over an (unshuffled) image DataLoader; return a dataset of
     (its output, label) pairs, the outputs streamed to a memory-mapped float32 .npy at `path`
-    (memory stays one batch however many images)."""
+    (memory stays one batch however many images). Under torchrun each rank runs its share of
+    the batches and every rank gets all the outputs, in order."""
     from headstart.io import open_array
 
     rows = len(batches.dataset)
+    num_batches = math.ceil(rows / batches.batch_size)
     outputs, labels, start = None, np.empty(rows, dtype=np.int64), 0
-    for batch_outputs, batch_labels in iter_inference(
-        module, batches, device, desc, batch_size_key, precision
-    ):
+    mine = iter_inference(module, batches, device, desc, batch_size_key, precision)
+    for batch_outputs, batch_labels in gather_in_order(mine, world, num_batches, everywhere=True):
         if outputs is None:
             outputs = open_array(path, (rows, *batch_outputs.shape[1:]), np.float32)
         end = start + len(batch_outputs)
@@ -274,11 +298,19 @@ def evaluate_loss_accuracy(
     batch_size_key: str | None = None,
     precision: torch.dtype | None = None,
 ) -> tuple[float, float]:
-    logits, labels = run_inference(
-        model, batches, device, desc="validate", batch_size_key=batch_size_key, precision=precision
-    )
-    loss = nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels)).item()
-    return loss, float((logits.argmax(1) == labels).mean())
+    """(mean loss, accuracy) over the batches; under torchrun, over every rank's batches (a
+    rank may have none)."""
+    loss, correct, count = 0.0, 0.0, 0
+    for logits, labels in iter_inference(
+        model, batches, device, "validate", batch_size_key, precision
+    ):
+        loss += nn.functional.cross_entropy(
+            torch.from_numpy(logits), torch.from_numpy(labels), reduction="sum"
+        ).item()
+        correct += float((logits.argmax(1) == labels).sum())
+        count += len(labels)
+    loss, correct, count = sum_over_ranks([loss, correct, count])
+    return loss / count, correct / count
 
 
 def fit_logreg(
