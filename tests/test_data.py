@@ -397,3 +397,36 @@ def test_batch_order_depends_on_the_generator_alone(image_folder):
     assert from_files == from_tensors
     assert from_files[0] != from_files[1]  # a new permutation each epoch
     assert from_files[0] != sorted(from_files[0])  # shuffled
+
+
+def test_augmentation_does_not_depend_on_the_loader_workers(image_folder):
+    """Each image's augmentation comes from its own seed (SeededOrder): the same tensors with
+    0 or 2 worker processes."""
+    import torch
+
+    rows = [
+        {"path": s.path, "label": s.label} for s in data.index_image_folder(image_folder).samples
+    ]
+    classes = {c: i for i, c in enumerate(sorted({r["label"] for r in rows}))}
+    transform = data.train_transform(16, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "light")
+
+    def epochs(num_workers: int) -> list[torch.Tensor]:
+        loader = data.image_loader(
+            image_folder,
+            rows,
+            classes,
+            transform,
+            decode_size=16,
+            batch_size=5,
+            num_workers=num_workers,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(3),
+        )
+        return [torch.cat([images for images, _ in loader]) for _ in range(2)]
+
+    in_process, workers = epochs(0), epochs(2)
+    assert all(torch.equal(a, b) for a, b in zip(in_process, workers, strict=True))
+    # The seed decides the draw: the same seed, the same image; another seed, another one.
+    dataset = data.ImageDataset(image_folder, [rows[0]["path"]], [0], transform)
+    assert torch.equal(dataset[(0, 1)][0], dataset[(0, 1)][0])
+    assert not torch.equal(dataset[(0, 1)][0], dataset[(0, 2)][0])

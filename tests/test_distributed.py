@@ -136,6 +136,8 @@ def test_extract_with_two_processes_writes_the_same_features(
     [
         ({}, "cached activations"),
         ({"unfreeze": 8}, "whole backbone"),  # every block trains: images every epoch
+        # Each image's augmentation comes from its own seed, whichever process draws it.
+        ({"augment": "light"}, "augmented images"),
     ],
 )
 def test_finetune_with_two_processes_matches_one(

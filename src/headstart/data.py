@@ -399,10 +399,18 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        """`item`: an index, or (index, seed) from SeededOrder: the transform's random draws
+        then come from that seed alone."""
+        index, seed = item if isinstance(item, tuple) else (item, None)
         path = self.root / self.paths[index]
         try:
-            return self.transform(load_rgb(path, self.decode_size)), self.labels[index]
+            image = load_rgb(path, self.decode_size)
+            if seed is None:
+                return self.transform(image), self.labels[index]
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                return self.transform(image), self.labels[index]
         except Exception as error:  # re-raised with the file named, never swallowed
             raise RuntimeError(f"{path}: cannot decode or transform image: {error}") from error
 
@@ -471,7 +479,8 @@ def sampling(
     for in-process loading, and would shift both the order and the global random stream
     (dropout, stochastic depth). So the loader gets a private generator, seeded from
     `generator`'s seed without consuming it: images from files and cached tensors are then
-    visited in the same order, and training draws the same random numbers.
+    visited in the same order, and training draws the same random numbers. A shuffled image
+    dataset also gets a seed per image and epoch (SeededOrder) for its augmentation.
 
     With several processes (`world`: this process's distributed.World; None: one process), a
     shuffled loader (training) deals every global batch out among
@@ -481,6 +490,8 @@ def sampling(
     """
     seed = generator.initial_seed() if generator is not None else 0
     order = torch.utils.data.RandomSampler(dataset, generator=generator) if shuffle else None
+    if shuffle and isinstance(dataset, ImageDataset):
+        order = SeededOrder(order, seed)  # augmentation independent of workers and processes
     rank = world.rank if world is not None else 0
     if world is not None and world.size > 1:
         if shuffle:
@@ -491,6 +502,26 @@ def sampling(
     # Each rank's worker processes draw their own augmentations (rank 0's are one process's).
     loader_generator = torch.Generator().manual_seed(seed + rank)
     return {"sampler": order, "batch_size": batch_size, "generator": loader_generator}
+
+
+class SeededOrder(torch.utils.data.Sampler):
+    """`order`'s indices paired with a seed each, (index, seed), for ImageDataset: an image's
+    augmentation then depends on the seed, the epoch and the image alone, not on which loader
+    worker or which process (compute.num_workers, compute.nproc) transforms it. The seeds come
+    from a generator of their own, so the order's generator draws what it would without them.
+    """
+
+    def __init__(self, order, seed: int):
+        self.order = order
+        self.seeds = torch.Generator().manual_seed(seed + 0x5EED)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = int(torch.randint(0, 2**62, (1,), generator=self.seeds))
+        for index in self.order:
+            yield index, epoch + index
+
+    def __len__(self) -> int:
+        return len(self.order)
 
 
 class WholeBatches(torch.utils.data.Sampler):
