@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import copy as copy_module
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
+import psutil
 import pytest
 import torch
-from test_stages import STAGE_ARGV, load_stage, run_stages
+from test_stages import PROJECT, STAGE_ARGV, load_stage, run_stages
 
 from headstart.data import DealtBatches, WholeBatches, sampling
 from headstart.distributed import World
@@ -192,4 +197,34 @@ def test_a_failing_process_fails_the_stage_and_writes_nothing(
     shutil.rmtree(two / "data/features")
     assert _run(two, "extract", monkeypatch) == 1
     assert not (two / "data/features").exists()
+    assert not [p.name for p in (two / "data").iterdir() if "features" in p.name]
+
+
+def test_sigterm_stops_every_process_and_records_nothing(single, tmp_path, write_params):
+    """SIGTERM to the stage (what DVC and schedulers send) reaches torchrun and both
+    processes: the stage exits 143, no process is left, no features are written."""
+    two, params = _two_processes(single, tmp_path, write_params)
+    params["backbone"]["image_size"] = 320  # slow enough to be stopped midway
+    params["compute"]["batch_size"] = 1
+    write_params(two, params)
+    shutil.rmtree(two / "data/features")
+    log = tmp_path / "extract.log"
+    command = [sys.executable, str(PROJECT / "stages/extract.py"), *STAGE_ARGV["extract"]]
+    with open(log, "w") as output:
+        stage = subprocess.Popen(command, cwd=two, stdout=output, stderr=output)
+    try:
+        deadline = time.monotonic() + 120
+        while "extract train" not in log.read_text() and stage.poll() is None:
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.05)
+        processes = psutil.Process(stage.pid).children(recursive=True)
+        assert sum("extract.py" in " ".join(p.cmdline()) for p in processes) >= 2
+        stage.send_signal(signal.SIGTERM)
+        assert stage.wait(timeout=120) == 143, log.read_text()[-3000:]
+    finally:
+        if stage.poll() is None:
+            stage.kill()
+    _, alive = psutil.wait_procs(processes, timeout=60)
+    assert not alive, f"left running: {[p.cmdline() for p in alive]}"
+    assert "interrupted (SIGTERM); no output was recorded" in log.read_text()
     assert not [p.name for p in (two / "data").iterdir() if "features" in p.name]
