@@ -73,6 +73,13 @@ def _results(repo: Path) -> dict[str, bytes]:
     return {name: (repo / name).read_bytes() for name in RESULTS}
 
 
+def _sigint_as_in_a_terminal() -> None:
+    """SIGINT back to its default in `dvc repro`, as in a terminal: a shell starts background
+    commands (`make test &` in a script) with SIGINT ignored, every child inherits that, and a
+    Python started with SIGINT ignored never raises KeyboardInterrupt: no Ctrl-C to test."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @contextlib.contextmanager
 def _repro_in_background(
     repo: Path, log: Path, shell: str = "/bin/sh"
@@ -90,6 +97,7 @@ def _repro_in_background(
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=_sigint_as_in_a_terminal,
         )
     try:
         yield proc
