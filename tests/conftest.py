@@ -7,6 +7,7 @@ are the same on every run.
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,6 +28,10 @@ def pytest_configure(config: pytest.Config) -> None:
     # Tiny tensors run fastest on one thread; with more, OpenMP threads spin against each other
     # (and against anything else on the machine), which made a 32 px forward pass take seconds.
     torch.set_num_threads(1)
+    # The same for the processes the tests start (stages under `dvc repro`, the CLI): torch's
+    # default thread count comes from OMP_NUM_THREADS. On a busy 2-core machine a tiny export
+    # took 16.6 s with torch's default of 2 threads and 3.5 s with 1.
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 
 def draw_image(label: str, seed: int, size: tuple[int, int] = (24, 24)) -> np.ndarray:

@@ -29,9 +29,10 @@ from test_e2e_dvc import FAST, _env, make_repo, ran_stages, run
 
 pytestmark = pytest.mark.e2e
 
-# Long enough (a fraction of a second per epoch here) that the run is still training when the
-# signal arrives after epoch 1; patience = epochs, so an uninterrupted run trains them all.
-EPOCHS = 20
+# Long enough that the run is still training when the signal arrives after epoch 1: on one
+# torch thread an epoch here takes 20-150 ms, so 40 epochs leave the test a second or more to
+# react (it takes milliseconds). patience = epochs, so an uninterrupted run trains them all.
+EPOCHS = 40
 LONG = {"finetune.epochs": EPOCHS, "finetune.patience": EPOCHS}
 FIRST_EPOCH = f"finetune epoch 1/{EPOCHS}:"
 # What an uninterrupted run and a healed rerun must agree on, byte for byte. dvc.lock holds the
