@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -165,3 +165,22 @@ def params_factory() -> Callable[[], dict]:
 def write_params() -> Callable[[Path, dict], Path]:
     """write_params(directory, mapping) -> directory/params.yaml."""
     return dump_params
+
+
+@pytest.fixture(scope="session")
+def dvc_baseline(tmp_path_factory) -> Iterator[Path]:
+    """A git + DVC repository of this project on the synthetic ImageFolder with the end-to-end
+    tests' small params (test_e2e_dvc.FAST), whose whole pipeline has run once with `dvc repro`
+    and is committed. Built once and shared by the end-to-end modules: copy it
+    (test_e2e_dvc._copy_repo, cache included) before changing anything."""
+    from test_e2e_dvc import FAST, PROJECT, make_repo, ran_stages, run
+
+    root = tmp_path_factory.mktemp("baseline")
+    repo = make_repo(root, write_image_folder(root / "images"), FAST)
+    output = run(repo, "dvc", "repro")
+    assert ran_stages(output) == set(yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"])
+    run(repo, "git", "add", "-A")
+    run(repo, "git", "commit", "-q", "-m", "baseline run")
+    yield repo
+    # A test that changed the shared repository would have changed what the others saw.
+    assert run(repo, "git", "status", "--porcelain") == "", "a test changed the shared baseline"

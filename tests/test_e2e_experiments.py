@@ -3,9 +3,9 @@ features, `dvc metrics diff` / `dvc params diff` across commits, a push / clone 
 trip through a local remote (run-cache included), and a from-scratch rerun that is byte for
 byte the same.
 
-One baseline repository (all stages run once, committed) is shared by the module and copied
-for each test, so the whole pipeline runs from scratch only twice in this file: once for the
-baseline and once in the byte-identical test.
+Every test copies the session's baseline repository (conftest.dvc_baseline: all stages run
+once, committed), so the whole pipeline runs from scratch only twice in this file, in the
+byte-identical test and in the reproduce-check test.
 """
 
 from __future__ import annotations
@@ -18,8 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_e2e_dvc import FAST, PROJECT, _env, make_repo, ran_stages, run
-from test_e2e_interrupt import _copy_repo, _set_params
+from test_e2e_dvc import FAST, PROJECT, _copy_repo, _env, _set_params, ran_stages, run
 
 from headstart.model import load_classifier
 
@@ -50,22 +49,10 @@ def _metrics_files(repo: Path) -> list[str]:
     return yaml.safe_load((repo / "dvc.yaml").read_text())["metrics"]
 
 
-@pytest.fixture(scope="module")
-def baseline(tmp_path_factory, image_folder_factory) -> Path:
-    """A repository whose whole pipeline has run once from scratch, committed."""
-    root = tmp_path_factory.mktemp("experiments")
-    repo = make_repo(root, image_folder_factory(root / "images"), FAST)
-    output = run(repo, "dvc", "repro")
-    assert {"prepare", "extract", "train_head", "finetune", "evaluate"} <= ran_stages(output)
-    run(repo, "git", "add", "-A")
-    run(repo, "git", "commit", "-q", "-m", "baseline run")
-    return repo
-
-
-def test_queued_sweep_reuses_the_features(baseline, tmp_path):
+def test_queued_sweep_reuses_the_features(dvc_baseline, tmp_path):
     """Two queued head experiments run (one after the other, each in its own temporary
     workspace) without re-extracting features, and each records its own results."""
-    repo = _copy_repo(baseline, tmp_path / "repo")
+    repo = _copy_repo(dvc_baseline, tmp_path / "repo")
     queued = run(repo, "dvc", "exp", "run", "--queue", "-S", "head.lr=1.0e-3,1.0e-2")
     assert queued.count("Queued experiment") == 2, queued
 
@@ -109,8 +96,8 @@ def test_queued_sweep_reuses_the_features(baseline, tmp_path):
     )
 
 
-def test_metrics_and_params_diff_between_commits(baseline, tmp_path):
-    repo = _copy_repo(baseline, tmp_path / "repo")
+def test_metrics_and_params_diff_between_commits(dvc_baseline, tmp_path):
+    repo = _copy_repo(dvc_baseline, tmp_path / "repo")
     baseline_step = json.loads((repo / "dvclive/train_head/metrics.json").read_text())["step"]
     assert baseline_step == FAST["head.epochs"] - 1
     epochs = FAST["head.epochs"] + 3  # fewer than head.patience: every epoch runs
@@ -131,11 +118,11 @@ def test_metrics_and_params_diff_between_commits(baseline, tmp_path):
     assert params == {"params.yaml": {"head.epochs": {"old": epochs - 3, "new": epochs, "diff": 3}}}
 
 
-def test_push_clone_pull_is_up_to_date_and_the_run_cache_travels(baseline, tmp_path):
+def test_push_clone_pull_is_up_to_date_and_the_run_cache_travels(dvc_baseline, tmp_path):
     """Machine A pushes; machine B (a fresh git clone) pulls and has nothing to run, and its
     models give the recorded metrics. Machine C reuses, from the remote's run-cache, a run that
     A made but never committed."""
-    machine_a = _copy_repo(baseline, tmp_path / "a")
+    machine_a = _copy_repo(dvc_baseline, tmp_path / "a")
     remote = tmp_path / "remote"
     run(machine_a, "dvc", "remote", "add", "-d", "shared", str(remote))
     run(machine_a, "git", "commit", "-q", "-am", "shared remote")
@@ -247,10 +234,10 @@ def test_every_costly_stage_is_run_cacheable():
     assert set(_not_run_cached(PROJECT)) == {"evaluate", "export"}
 
 
-def test_a_rerun_from_scratch_is_byte_identical(baseline, tmp_path):
+def test_a_rerun_from_scratch_is_byte_identical(dvc_baseline, tmp_path):
     """Same commit, same machine, no cache and no outputs: every hash in dvc.lock (data,
     features, models, curves, metrics, plots) comes out the same."""
-    repo = _copy_repo(baseline, tmp_path / "repo")
+    repo = _copy_repo(dvc_baseline, tmp_path / "repo")
     lock = _lock(repo)
     outputs = _out_hashes(lock)
     for name in outputs:
@@ -264,7 +251,7 @@ def test_a_rerun_from_scratch_is_byte_identical(baseline, tmp_path):
     rerun = _out_hashes(_lock(repo))
     different = {name for name in outputs if rerun.get(name) != outputs[name]}
     assert not different, f"not byte-identical after a rerun from scratch: {sorted(different)}"
-    assert (repo / "dvc.lock").read_bytes() == (baseline / "dvc.lock").read_bytes()
+    assert (repo / "dvc.lock").read_bytes() == (dvc_baseline / "dvc.lock").read_bytes()
     assert (
         subprocess.run(
             ["git", "diff", "--exit-code", "--stat"], cwd=repo, env=_env(repo)
@@ -273,11 +260,11 @@ def test_a_rerun_from_scratch_is_byte_identical(baseline, tmp_path):
     )
 
 
-def test_reproduce_check_reruns_and_flags_a_changed_metric(baseline, tmp_path):
+def test_reproduce_check_reruns_and_flags_a_changed_metric(dvc_baseline, tmp_path):
     """tools/reproduce_check.py on a commit whose head accuracy was edited by hand: the rerun
     from scratch matches every other metric exactly and every output in dvc.lock, and the
     edited value is flagged (exit 1)."""
-    repo = _copy_repo(baseline, tmp_path / "repo")
+    repo = _copy_repo(dvc_baseline, tmp_path / "repo")
     evaluate = repo / "metrics" / "evaluate.json"
     metrics = json.loads(evaluate.read_text())
     metrics["head"]["accuracy"] = round(metrics["head"]["accuracy"] + 0.5, 6) % 1.0
