@@ -106,9 +106,10 @@ FAST = {
 }
 
 
-def test_repro_then_head_experiment_reuses_features(dvc_baseline, tmp_path):
-    """After a full `dvc repro` (the shared baseline), a head-only experiment reuses the
-    features and reruns what follows; then nothing runs."""
+def test_head_experiment_reuses_the_features_and_the_diffs_show_only_it(dvc_baseline, tmp_path):
+    """After a full `dvc repro` (the shared baseline): a head-only experiment reuses the
+    features and reruns what follows, then nothing runs; committed, `dvc metrics diff` and
+    `dvc params diff` show exactly what changed."""
     repo = _copy_repo(dvc_baseline, tmp_path / "repo")
     metrics = json.loads((repo / "metrics" / "evaluate.json").read_text())
     for model in ("head", "finetuned"):
@@ -116,9 +117,12 @@ def test_repro_then_head_experiment_reuses_features(dvc_baseline, tmp_path):
         assert 0.0 <= metrics[model]["macro_f1"] <= 1.0
     shown = run(repo, "dvc", "metrics", "show", "--json")
     assert "finetuned" in shown and "head" in shown
+    baseline_step = json.loads((repo / "dvclive/train_head/metrics.json").read_text())["step"]
+    assert baseline_step == FAST["head.epochs"] - 1
 
     # A head-only change: the features are reused, everything after the head reruns.
-    experiment = run(repo, "dvc", "exp", "run", "-S", "head.lr=0.01")
+    epochs = FAST["head.epochs"] + 3  # fewer than head.patience: every epoch runs
+    experiment = run(repo, "dvc", "exp", "run", "-S", f"head.epochs={epochs}")
     assert ran_stages(experiment) == {"train_head", "finetune", "evaluate", "export"}, experiment
     assert "Stage 'extract' didn't change, skipping" in experiment
     assert "Stage 'prepare' didn't change, skipping" in experiment
@@ -128,6 +132,18 @@ def test_repro_then_head_experiment_reuses_features(dvc_baseline, tmp_path):
     assert ran_stages(again) == set(), again
     status = run(repo, "dvc", "status")
     assert "up to date" in status
+    run(repo, "git", "commit", "-q", "-am", "more head epochs")
+
+    metrics = json.loads(run(repo, "dvc", "metrics", "diff", "HEAD~1", "HEAD", "--json"))
+    step = metrics["dvclive/train_head/metrics.json"]["step"]
+    assert step == {"old": baseline_step, "new": epochs - 1, "diff": 3}, metrics
+    # Only changed metrics are listed; the data did not change.
+    assert "metrics/data.json" not in metrics
+    table = run(repo, "dvc", "metrics", "diff", "HEAD~1", "HEAD")
+    assert "dvclive/train_head/metrics.json" in table and "step" in table
+
+    params = json.loads(run(repo, "dvc", "params", "diff", "HEAD~1", "HEAD", "--json"))
+    assert params == {"params.yaml": {"head.epochs": {"old": epochs - 3, "new": epochs, "diff": 3}}}
 
 
 def test_own_folder_with_default_params(tmp_path, image_folder):

@@ -1,7 +1,6 @@
 """Experiments and reproducibility with the real `dvc`: a queued sweep that reuses the
-features, `dvc metrics diff` / `dvc params diff` across commits, a push / clone / pull round
-trip through a local remote (run-cache included), and a from-scratch rerun that is byte for
-byte the same.
+features, a push / clone / pull round trip through a local remote (run-cache included), and a
+from-scratch rerun that is byte for byte the same.
 
 Every test copies the session's baseline repository (conftest.dvc_baseline: all stages run
 once, committed), so the whole pipeline runs from scratch only twice in this file, in the
@@ -94,28 +93,6 @@ def test_queued_sweep_reuses_the_features(dvc_baseline, tmp_path):
         len(head_models) == 2
         and baseline_commit["data"]["outs"]["models/head.pt"]["hash"] not in head_models
     )
-
-
-def test_metrics_and_params_diff_between_commits(dvc_baseline, tmp_path):
-    repo = _copy_repo(dvc_baseline, tmp_path / "repo")
-    baseline_step = json.loads((repo / "dvclive/train_head/metrics.json").read_text())["step"]
-    assert baseline_step == FAST["head.epochs"] - 1
-    epochs = FAST["head.epochs"] + 3  # fewer than head.patience: every epoch runs
-    _set_params(repo, {"head.epochs": epochs})
-    output = run(repo, "dvc", "repro")
-    assert ran_stages(output) == {"train_head", "finetune", "evaluate", "export"}, output
-    run(repo, "git", "commit", "-q", "-am", "more head epochs")
-
-    metrics = json.loads(run(repo, "dvc", "metrics", "diff", "HEAD~1", "HEAD", "--json"))
-    step = metrics["dvclive/train_head/metrics.json"]["step"]
-    assert step == {"old": baseline_step, "new": epochs - 1, "diff": 3}, metrics
-    # Only changed metrics are listed; the data did not change.
-    assert "metrics/data.json" not in metrics
-    table = run(repo, "dvc", "metrics", "diff", "HEAD~1", "HEAD")
-    assert "dvclive/train_head/metrics.json" in table and "step" in table
-
-    params = json.loads(run(repo, "dvc", "params", "diff", "HEAD~1", "HEAD", "--json"))
-    assert params == {"params.yaml": {"head.epochs": {"old": epochs - 3, "new": epochs, "diff": 3}}}
 
 
 def test_push_clone_pull_is_up_to_date_and_the_run_cache_travels(dvc_baseline, tmp_path):
