@@ -1,16 +1,16 @@
 """Experiments and reproducibility with the real `dvc`: a queued sweep that reuses the
 features, a push / clone / pull round trip through a local remote (run-cache included), and a
-from-scratch rerun that is byte for byte the same.
+from-scratch rerun (tools/reproduce_check.py) that is byte for byte the same.
 
 Every test copies the session's baseline repository (conftest.dvc_baseline: all stages run
-once, committed), so the whole pipeline runs from scratch only twice in this file, in the
-byte-identical test and in the reproduce-check test.
+once, committed), so the whole pipeline runs from scratch only once in this file, in the
+reproduce-check test.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -211,36 +211,15 @@ def test_every_costly_stage_is_run_cacheable():
     assert set(_not_run_cached(PROJECT)) == {"evaluate", "export"}
 
 
-def test_a_rerun_from_scratch_is_byte_identical(dvc_baseline, tmp_path):
-    """Same commit, same machine, no cache and no outputs: every hash in dvc.lock (data,
-    features, models, curves, metrics, plots) comes out the same."""
-    repo = _copy_repo(dvc_baseline, tmp_path / "repo")
-    lock = _lock(repo)
-    outputs = _out_hashes(lock)
-    for name in outputs:
-        path = repo / name
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-    # The cache holds every output and the run-cache: without it DVC must compute everything.
-    # data/raw (the user's images) stays in the workspace; DVC hashes it again.
-    shutil.rmtree(repo / ".dvc" / "cache")
-    output = run(repo, "dvc", "repro")
-    assert ran_stages(output) == ALL_STAGES, output
-    rerun = _out_hashes(_lock(repo))
-    different = {name for name in outputs if rerun.get(name) != outputs[name]}
-    assert not different, f"not byte-identical after a rerun from scratch: {sorted(different)}"
-    assert (repo / "dvc.lock").read_bytes() == (dvc_baseline / "dvc.lock").read_bytes()
-    assert (
-        subprocess.run(
-            ["git", "diff", "--exit-code", "--stat"], cwd=repo, env=_env(repo)
-        ).returncode
-        == 0
-    )
-
-
-def test_reproduce_check_reruns_and_flags_a_changed_metric(dvc_baseline, tmp_path):
-    """tools/reproduce_check.py on a commit whose head accuracy was edited by hand: the rerun
-    from scratch matches every other metric exactly and every output in dvc.lock, and the
-    edited value is flagged (exit 1)."""
+def test_a_rerun_from_scratch_is_byte_identical_and_reproduce_check_flags_an_edit(
+    dvc_baseline, tmp_path
+):
+    """tools/reproduce_check.py on a commit whose head accuracy was edited by hand. Its rerun
+    from scratch (same commit, same machine, a clone with no outputs and an empty cache: every
+    stage runs) is byte for byte the baseline run: every hash in dvc.lock (data, features,
+    models, curves, metrics, plots), the whole dvc.lock, and every git-tracked file but the
+    edited one, which comes back as the baseline wrote it. The check matches every other metric
+    exactly and every output in dvc.lock, and flags the edited value (exit 1)."""
     repo = _copy_repo(dvc_baseline, tmp_path / "repo")
     evaluate = repo / "metrics" / "evaluate.json"
     metrics = json.loads(evaluate.read_text())
@@ -248,10 +227,11 @@ def test_reproduce_check_reruns_and_flags_a_changed_metric(dvc_baseline, tmp_pat
     evaluate.write_text(json.dumps(metrics))
     run(repo, "git", "commit", "-q", "-am", "edited by hand")
 
+    # --keep, with the temporary folder under tmp_path: the rerun is inspected below.
     result = subprocess.run(
-        [sys.executable, str(PROJECT / "tools" / "reproduce_check.py")],
+        [sys.executable, str(PROJECT / "tools" / "reproduce_check.py"), "--keep"],
         cwd=repo,
-        env=_env(repo),
+        env={**_env(repo), "TMPDIR": str(tmp_path)},
         capture_output=True,
         text=True,
         timeout=900,
@@ -267,3 +247,12 @@ def test_reproduce_check_reruns_and_flags_a_changed_metric(dvc_baseline, tmp_pat
     assert "1 of" in output and "metrics not reproduced exactly" in output
     outputs = len(_out_hashes(_lock(repo)))
     assert f"all {outputs} outputs byte-identical to dvc.lock" in output, output
+
+    clone = Path(re.search(r"^kept the clone in (.+)$", output, re.MULTILINE).group(1))
+    assert clone.is_relative_to(tmp_path), clone
+    assert _out_hashes(_lock(clone)) == _out_hashes(_lock(dvc_baseline))
+    assert (clone / "dvc.lock").read_bytes() == (dvc_baseline / "dvc.lock").read_bytes()
+    changed = run(clone, "git", "diff", "--name-only").split()
+    assert changed == ["metrics/evaluate.json"], changed
+    restored = (clone / "metrics" / "evaluate.json").read_bytes()
+    assert restored == (dvc_baseline / "metrics" / "evaluate.json").read_bytes()
