@@ -7,7 +7,8 @@ are the same on every run.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,10 @@ def pytest_configure(config: pytest.Config) -> None:
     # Tiny tensors run fastest on one thread; with more, OpenMP threads spin against each other
     # (and against anything else on the machine), which made a 32 px forward pass take seconds.
     torch.set_num_threads(1)
+    # The same for the processes the tests start (stages under `dvc repro`, the CLI): torch's
+    # default thread count comes from OMP_NUM_THREADS. On a busy 2-core machine a tiny export
+    # took 16.6 s with torch's default of 2 threads and 3.5 s with 1.
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 
 def draw_image(label: str, seed: int, size: tuple[int, int] = (24, 24)) -> np.ndarray:
@@ -161,3 +166,22 @@ def params_factory() -> Callable[[], dict]:
 def write_params() -> Callable[[Path, dict], Path]:
     """write_params(directory, mapping) -> directory/params.yaml."""
     return dump_params
+
+
+@pytest.fixture(scope="session")
+def dvc_baseline(tmp_path_factory) -> Iterator[Path]:
+    """A git + DVC repository of this project on the synthetic ImageFolder with the end-to-end
+    tests' small params (test_e2e_dvc.FAST), whose whole pipeline has run once with `dvc repro`
+    and is committed. Built once and shared by the end-to-end modules: copy it
+    (test_e2e_dvc._copy_repo, cache included) before changing anything."""
+    from test_e2e_dvc import FAST, PROJECT, make_repo, ran_stages, run
+
+    root = tmp_path_factory.mktemp("baseline")
+    repo = make_repo(root, write_image_folder(root / "images"), FAST)
+    output = run(repo, "dvc", "repro")
+    assert ran_stages(output) == set(yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"])
+    run(repo, "git", "add", "-A")
+    run(repo, "git", "commit", "-q", "-m", "baseline run")
+    yield repo
+    # A test that changed the shared repository would have changed what the others saw.
+    assert run(repo, "git", "status", "--porcelain") == "", "a test changed the shared baseline"

@@ -1,7 +1,9 @@
 """End to end with the real `dvc` in a temporary git + DVC repository.
 
 The project's dvc.yaml, stages and library are copied into a fresh repository with a small
-generated ImageFolder added with `dvc add`, as a user with their own data would do.
+generated ImageFolder added with `dvc add`, as a user with their own data would do. The helpers
+here serve every e2e module; conftest.dvc_baseline is such a repository, its pipeline run once
+and committed, shared by the session.
 """
 
 from __future__ import annotations
@@ -62,11 +64,7 @@ def make_repo(tmp_path: Path, image_folder: Path, overrides: dict) -> Path:
             PROJECT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
         )
     shutil.copytree(image_folder, repo / "data" / "raw")
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    for dotted, value in overrides.items():
-        section, key = dotted.split(".")
-        params[section][key] = value
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _set_params(repo, overrides)
     run(repo, "git", "init", "-q", "-b", "main")
     run(repo, "dvc", "init", "-q")
     run(repo, "dvc", "config", "core.analytics", "false")
@@ -74,6 +72,26 @@ def make_repo(tmp_path: Path, image_folder: Path, overrides: dict) -> Path:
     run(repo, "git", "add", "-A")
     run(repo, "git", "commit", "-q", "-m", "project with own data")
     return repo
+
+
+def _copy_repo(source: Path, target: Path) -> Path:
+    """A copy of a git + DVC repository, cache included, without DVC's per-machine state."""
+
+    def skip(directory: str, names: list[str]) -> set[str]:
+        # .dvc/tmp: locks and the inode/mtime hash cache, which would not match the copy.
+        return {"tmp"} if Path(directory).name == ".dvc" else set()
+
+    shutil.copytree(source, target, symlinks=True, ignore=skip)
+    return target
+
+
+def _set_params(repo: Path, overrides: dict) -> None:
+    path = repo / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    for dotted, value in overrides.items():
+        section, key = dotted.split(".")
+        params[section][key] = value
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
 FAST = {
@@ -88,22 +106,23 @@ FAST = {
 }
 
 
-def test_repro_then_head_experiment_reuses_features(tmp_path, image_folder):
-    repo = make_repo(tmp_path, image_folder, FAST)
-
-    first = run(repo, "dvc", "repro")
-    assert {"prepare", "extract", "train_head", "finetune", "evaluate"} <= ran_stages(first)
+def test_head_experiment_reuses_the_features_and_the_diffs_show_only_it(dvc_baseline, tmp_path):
+    """After a full `dvc repro` (the shared baseline): a head-only experiment reuses the
+    features and reruns what follows, then nothing runs; committed, `dvc metrics diff` and
+    `dvc params diff` show exactly what changed."""
+    repo = _copy_repo(dvc_baseline, tmp_path / "repo")
     metrics = json.loads((repo / "metrics" / "evaluate.json").read_text())
     for model in ("head", "finetuned"):
         assert 0.0 <= metrics[model]["accuracy"] <= 1.0
         assert 0.0 <= metrics[model]["macro_f1"] <= 1.0
     shown = run(repo, "dvc", "metrics", "show", "--json")
     assert "finetuned" in shown and "head" in shown
-    run(repo, "git", "add", "-A")
-    run(repo, "git", "commit", "-q", "-m", "baseline run")
+    baseline_step = json.loads((repo / "dvclive/train_head/metrics.json").read_text())["step"]
+    assert baseline_step == FAST["head.epochs"] - 1
 
     # A head-only change: the features are reused, everything after the head reruns.
-    experiment = run(repo, "dvc", "exp", "run", "-S", "head.lr=0.01")
+    epochs = FAST["head.epochs"] + 3  # fewer than head.patience: every epoch runs
+    experiment = run(repo, "dvc", "exp", "run", "-S", f"head.epochs={epochs}")
     assert ran_stages(experiment) == {"train_head", "finetune", "evaluate", "export"}, experiment
     assert "Stage 'extract' didn't change, skipping" in experiment
     assert "Stage 'prepare' didn't change, skipping" in experiment
@@ -113,6 +132,18 @@ def test_repro_then_head_experiment_reuses_features(tmp_path, image_folder):
     assert ran_stages(again) == set(), again
     status = run(repo, "dvc", "status")
     assert "up to date" in status
+    run(repo, "git", "commit", "-q", "-am", "more head epochs")
+
+    metrics = json.loads(run(repo, "dvc", "metrics", "diff", "HEAD~1", "HEAD", "--json"))
+    step = metrics["dvclive/train_head/metrics.json"]["step"]
+    assert step == {"old": baseline_step, "new": epochs - 1, "diff": 3}, metrics
+    # Only changed metrics are listed; the data did not change.
+    assert "metrics/data.json" not in metrics
+    table = run(repo, "dvc", "metrics", "diff", "HEAD~1", "HEAD")
+    assert "dvclive/train_head/metrics.json" in table and "step" in table
+
+    params = json.loads(run(repo, "dvc", "params", "diff", "HEAD~1", "HEAD", "--json"))
+    assert params == {"params.yaml": {"head.epochs": {"old": epochs - 3, "new": epochs, "diff": 3}}}
 
 
 def test_own_folder_with_default_params(tmp_path, image_folder):

@@ -1,25 +1,23 @@
 """Experiments and reproducibility with the real `dvc`: a queued sweep that reuses the
-features, `dvc metrics diff` / `dvc params diff` across commits, a push / clone / pull round
-trip through a local remote (run-cache included), and a from-scratch rerun that is byte for
-byte the same.
+features, a push / clone / pull round trip through a local remote (run-cache included), and a
+from-scratch rerun (tools/reproduce_check.py) that is byte for byte the same.
 
-One baseline repository (all stages run once, committed) is shared by the module and copied
-for each test, so the whole pipeline runs from scratch only twice in this file: once for the
-baseline and once in the byte-identical test.
+Every test copies the session's baseline repository (conftest.dvc_baseline: all stages run
+once, committed), so the whole pipeline runs from scratch only once in this file, in the
+reproduce-check test.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from test_e2e_dvc import FAST, PROJECT, _env, make_repo, ran_stages, run
-from test_e2e_interrupt import _copy_repo, _set_params
+from test_e2e_dvc import FAST, PROJECT, _copy_repo, _env, _set_params, ran_stages, run
 
 from headstart.model import load_classifier
 
@@ -50,22 +48,10 @@ def _metrics_files(repo: Path) -> list[str]:
     return yaml.safe_load((repo / "dvc.yaml").read_text())["metrics"]
 
 
-@pytest.fixture(scope="module")
-def baseline(tmp_path_factory, image_folder_factory) -> Path:
-    """A repository whose whole pipeline has run once from scratch, committed."""
-    root = tmp_path_factory.mktemp("experiments")
-    repo = make_repo(root, image_folder_factory(root / "images"), FAST)
-    output = run(repo, "dvc", "repro")
-    assert {"prepare", "extract", "train_head", "finetune", "evaluate"} <= ran_stages(output)
-    run(repo, "git", "add", "-A")
-    run(repo, "git", "commit", "-q", "-m", "baseline run")
-    return repo
-
-
-def test_queued_sweep_reuses_the_features(baseline, tmp_path):
+def test_queued_sweep_reuses_the_features(dvc_baseline, tmp_path):
     """Two queued head experiments run (one after the other, each in its own temporary
     workspace) without re-extracting features, and each records its own results."""
-    repo = _copy_repo(baseline, tmp_path / "repo")
+    repo = _copy_repo(dvc_baseline, tmp_path / "repo")
     queued = run(repo, "dvc", "exp", "run", "--queue", "-S", "head.lr=1.0e-3,1.0e-2")
     assert queued.count("Queued experiment") == 2, queued
 
@@ -109,33 +95,11 @@ def test_queued_sweep_reuses_the_features(baseline, tmp_path):
     )
 
 
-def test_metrics_and_params_diff_between_commits(baseline, tmp_path):
-    repo = _copy_repo(baseline, tmp_path / "repo")
-    baseline_step = json.loads((repo / "dvclive/train_head/metrics.json").read_text())["step"]
-    assert baseline_step == FAST["head.epochs"] - 1
-    epochs = FAST["head.epochs"] + 3  # fewer than head.patience: every epoch runs
-    _set_params(repo, {"head.epochs": epochs})
-    output = run(repo, "dvc", "repro")
-    assert ran_stages(output) == {"train_head", "finetune", "evaluate", "export"}, output
-    run(repo, "git", "commit", "-q", "-am", "more head epochs")
-
-    metrics = json.loads(run(repo, "dvc", "metrics", "diff", "HEAD~1", "HEAD", "--json"))
-    step = metrics["dvclive/train_head/metrics.json"]["step"]
-    assert step == {"old": baseline_step, "new": epochs - 1, "diff": 3}, metrics
-    # Only changed metrics are listed; the data did not change.
-    assert "metrics/data.json" not in metrics
-    table = run(repo, "dvc", "metrics", "diff", "HEAD~1", "HEAD")
-    assert "dvclive/train_head/metrics.json" in table and "step" in table
-
-    params = json.loads(run(repo, "dvc", "params", "diff", "HEAD~1", "HEAD", "--json"))
-    assert params == {"params.yaml": {"head.epochs": {"old": epochs - 3, "new": epochs, "diff": 3}}}
-
-
-def test_push_clone_pull_is_up_to_date_and_the_run_cache_travels(baseline, tmp_path):
+def test_push_clone_pull_is_up_to_date_and_the_run_cache_travels(dvc_baseline, tmp_path):
     """Machine A pushes; machine B (a fresh git clone) pulls and has nothing to run, and its
     models give the recorded metrics. Machine C reuses, from the remote's run-cache, a run that
     A made but never committed."""
-    machine_a = _copy_repo(baseline, tmp_path / "a")
+    machine_a = _copy_repo(dvc_baseline, tmp_path / "a")
     remote = tmp_path / "remote"
     run(machine_a, "dvc", "remote", "add", "-d", "shared", str(remote))
     run(machine_a, "git", "commit", "-q", "-am", "shared remote")
@@ -247,47 +211,27 @@ def test_every_costly_stage_is_run_cacheable():
     assert set(_not_run_cached(PROJECT)) == {"evaluate", "export"}
 
 
-def test_a_rerun_from_scratch_is_byte_identical(baseline, tmp_path):
-    """Same commit, same machine, no cache and no outputs: every hash in dvc.lock (data,
-    features, models, curves, metrics, plots) comes out the same."""
-    repo = _copy_repo(baseline, tmp_path / "repo")
-    lock = _lock(repo)
-    outputs = _out_hashes(lock)
-    for name in outputs:
-        path = repo / name
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-    # The cache holds every output and the run-cache: without it DVC must compute everything.
-    # data/raw (the user's images) stays in the workspace; DVC hashes it again.
-    shutil.rmtree(repo / ".dvc" / "cache")
-    output = run(repo, "dvc", "repro")
-    assert ran_stages(output) == ALL_STAGES, output
-    rerun = _out_hashes(_lock(repo))
-    different = {name for name in outputs if rerun.get(name) != outputs[name]}
-    assert not different, f"not byte-identical after a rerun from scratch: {sorted(different)}"
-    assert (repo / "dvc.lock").read_bytes() == (baseline / "dvc.lock").read_bytes()
-    assert (
-        subprocess.run(
-            ["git", "diff", "--exit-code", "--stat"], cwd=repo, env=_env(repo)
-        ).returncode
-        == 0
-    )
-
-
-def test_reproduce_check_reruns_and_flags_a_changed_metric(baseline, tmp_path):
-    """tools/reproduce_check.py on a commit whose head accuracy was edited by hand: the rerun
-    from scratch matches every other metric exactly and every output in dvc.lock, and the
-    edited value is flagged (exit 1)."""
-    repo = _copy_repo(baseline, tmp_path / "repo")
+def test_a_rerun_from_scratch_is_byte_identical_and_reproduce_check_flags_an_edit(
+    dvc_baseline, tmp_path
+):
+    """tools/reproduce_check.py on a commit whose head accuracy was edited by hand. Its rerun
+    from scratch (same commit, same machine, a clone with no outputs and an empty cache: every
+    stage runs) is byte for byte the baseline run: every hash in dvc.lock (data, features,
+    models, curves, metrics, plots), the whole dvc.lock, and every git-tracked file but the
+    edited one, which comes back as the baseline wrote it. The check matches every other metric
+    exactly and every output in dvc.lock, and flags the edited value (exit 1)."""
+    repo = _copy_repo(dvc_baseline, tmp_path / "repo")
     evaluate = repo / "metrics" / "evaluate.json"
     metrics = json.loads(evaluate.read_text())
     metrics["head"]["accuracy"] = round(metrics["head"]["accuracy"] + 0.5, 6) % 1.0
     evaluate.write_text(json.dumps(metrics))
     run(repo, "git", "commit", "-q", "-am", "edited by hand")
 
+    # --keep, with the temporary folder under tmp_path: the rerun is inspected below.
     result = subprocess.run(
-        [sys.executable, str(PROJECT / "tools" / "reproduce_check.py")],
+        [sys.executable, str(PROJECT / "tools" / "reproduce_check.py"), "--keep"],
         cwd=repo,
-        env=_env(repo),
+        env={**_env(repo), "TMPDIR": str(tmp_path)},
         capture_output=True,
         text=True,
         timeout=900,
@@ -303,3 +247,12 @@ def test_reproduce_check_reruns_and_flags_a_changed_metric(baseline, tmp_path):
     assert "1 of" in output and "metrics not reproduced exactly" in output
     outputs = len(_out_hashes(_lock(repo)))
     assert f"all {outputs} outputs byte-identical to dvc.lock" in output, output
+
+    clone = Path(re.search(r"^kept the clone in (.+)$", output, re.MULTILINE).group(1))
+    assert clone.is_relative_to(tmp_path), clone
+    assert _out_hashes(_lock(clone)) == _out_hashes(_lock(dvc_baseline))
+    assert (clone / "dvc.lock").read_bytes() == (dvc_baseline / "dvc.lock").read_bytes()
+    changed = run(clone, "git", "diff", "--name-only").split()
+    assert changed == ["metrics/evaluate.json"], changed
+    restored = (clone / "metrics" / "evaluate.json").read_bytes()
+    assert restored == (dvc_baseline / "metrics" / "evaluate.json").read_bytes()

@@ -6,8 +6,9 @@ outright (SIGKILL to the stage's python alone, as `kill -9` or the OOM killer do
 dvc.lock byte-identical, keep `dvc status` dirty, and the next `dvc repro` must produce exactly
 what an uninterrupted run with the same params produces (whole dvc.lock, model, metrics).
 
-One baseline repository is run once (all stages, 2 fine-tune epochs) and copied for each case;
-each copy then raises finetune.epochs, so only finetune, evaluate and export run.
+The session's baseline repository (conftest.dvc_baseline: all stages run, 2 fine-tune epochs)
+is copied for each case; each copy then raises finetune.epochs, so only finetune, evaluate and
+export run.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -24,14 +24,14 @@ from pathlib import Path
 
 import psutil
 import pytest
-import yaml
-from test_e2e_dvc import FAST, _env, make_repo, ran_stages, run
+from test_e2e_dvc import _copy_repo, _env, _set_params, ran_stages, run
 
 pytestmark = pytest.mark.e2e
 
-# Long enough (a fraction of a second per epoch here) that the run is still training when the
-# signal arrives after epoch 1; patience = epochs, so an uninterrupted run trains them all.
-EPOCHS = 20
+# Long enough that the run is still training when the signal arrives after epoch 1: on one
+# torch thread an epoch here takes 20-150 ms, so 40 epochs leave the test a second or more to
+# react (it takes milliseconds). patience = epochs, so an uninterrupted run trains them all.
+EPOCHS = 40
 LONG = {"finetune.epochs": EPOCHS, "finetune.patience": EPOCHS}
 FIRST_EPOCH = f"finetune epoch 1/{EPOCHS}:"
 # What an uninterrupted run and a healed rerun must agree on, byte for byte. dvc.lock holds the
@@ -49,28 +49,15 @@ RESULTS = (
 )
 
 
-def _copy_repo(source: Path, target: Path) -> Path:
-    """A copy of a git + DVC repository, cache included, without DVC's per-machine state."""
-
-    def skip(directory: str, names: list[str]) -> set[str]:
-        # .dvc/tmp: locks and the inode/mtime hash cache, which would not match the copy.
-        return {"tmp"} if Path(directory).name == ".dvc" else set()
-
-    shutil.copytree(source, target, symlinks=True, ignore=skip)
-    return target
-
-
-def _set_params(repo: Path, overrides: dict) -> None:
-    path = repo / "params.yaml"
-    params = yaml.safe_load(path.read_text())
-    for dotted, value in overrides.items():
-        section, key = dotted.split(".")
-        params[section][key] = value
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
-
-
 def _results(repo: Path) -> dict[str, bytes]:
     return {name: (repo / name).read_bytes() for name in RESULTS}
+
+
+def _sigint_as_in_a_terminal() -> None:
+    """SIGINT back to its default in `dvc repro`, as in a terminal: a shell starts background
+    commands (`make test &` in a script) with SIGINT ignored, every child inherits that, and a
+    Python started with SIGINT ignored never raises KeyboardInterrupt: no Ctrl-C to test."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 @contextlib.contextmanager
@@ -90,6 +77,7 @@ def _repro_in_background(
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=_sigint_as_in_a_terminal,
         )
     try:
         yield proc
@@ -135,21 +123,9 @@ def _finetune_process(dvc: subprocess.Popen) -> psutil.Process:
 
 
 @pytest.fixture(scope="module")
-def baseline(tmp_path_factory, image_folder_factory) -> Path:
-    """A repository whose whole pipeline has run once (2 fine-tune epochs) and is committed."""
-    root = tmp_path_factory.mktemp("interrupt")
-    repo = make_repo(root, image_folder_factory(root / "images"), FAST)
-    output = run(repo, "dvc", "repro")
-    assert "finetune" in ran_stages(output), output
-    run(repo, "git", "add", "-A")
-    run(repo, "git", "commit", "-q", "-m", "baseline run")
-    return repo
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(baseline, tmp_path_factory) -> dict[str, bytes]:
+def uninterrupted(dvc_baseline, tmp_path_factory) -> dict[str, bytes]:
     """The results of the LONG params run without interruption, in a copy of the baseline."""
-    repo = _copy_repo(baseline, tmp_path_factory.mktemp("uninterrupted") / "repo")
+    repo = _copy_repo(dvc_baseline, tmp_path_factory.mktemp("uninterrupted") / "repo")
     _set_params(repo, LONG)
     output = run(repo, "dvc", "repro")
     assert ran_stages(output) == {"finetune", "evaluate", "export"}, output
@@ -195,13 +171,13 @@ def _interrupted_then_healed(
 # gets the same SIGINT from the terminal and dies of it, so DVC sees -2. Either way non-zero.
 @pytest.mark.parametrize(("shell", "reported"), [("/bin/sh", -2), ("/bin/bash", 130)])
 def test_sigint_to_dvc_repro_records_nothing_and_a_rerun_matches(
-    baseline, uninterrupted, tmp_path, shell, reported
+    dvc_baseline, uninterrupted, tmp_path, shell, reported
 ):
     """Ctrl-C: SIGINT to the process group. DVC ignores it while the stage runs; the stage
     must exit non-zero (130) rather than save what it has."""
     if not Path(shell).exists():
         pytest.fail(f"{shell} is needed for this test")
-    repo = _copy_repo(baseline, tmp_path / "repo")
+    repo = _copy_repo(dvc_baseline, tmp_path / "repo")
     _set_params(repo, LONG)
 
     def ctrl_c(proc: subprocess.Popen) -> None:
@@ -213,11 +189,11 @@ def test_sigint_to_dvc_repro_records_nothing_and_a_rerun_matches(
 
 
 def test_sigkill_of_the_stage_records_nothing_and_a_rerun_matches(
-    baseline, uninterrupted, tmp_path
+    dvc_baseline, uninterrupted, tmp_path
 ):
     """kill -9 of the stage's python only: no handler runs, DVC sees the stage die. The curves
     written so far (a partial output) stay on disk but are not recorded."""
-    repo = _copy_repo(baseline, tmp_path / "repo")
+    repo = _copy_repo(dvc_baseline, tmp_path / "repo")
     _set_params(repo, LONG)
 
     curves = repo / "dvclive/finetune/plots/metrics/train_loss.tsv"
