@@ -67,7 +67,9 @@ def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None =
     except Interrupted:
         log.error("interrupted (SIGTERM); no output was recorded")
         return 143
-    if code:
+    if code is not None:
+        # Relaunched under torchrun: rank 0 has logged its own time and memory; this launcher's
+        # would read as the stage's (bench/scaling.py takes the last such line).
         return code
     # ru_maxrss is in KiB on Linux; this process only (loader workers are processes of their own).
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
