@@ -7,6 +7,12 @@ same batches in the same order (one seeded generator), with the finetune params 
 and augment none; the cached side includes computing its cache. Prints seconds per epoch, total
 seconds and test accuracy of each side; the last line is the per-epoch ratio.
 
+Also prints the top blocks' share f of the forward pass's FLOPs and the ratio that share allows
+from compute alone: a whole-backbone epoch runs the whole forward pass (1) plus the backward
+pass of the top blocks (about 2f: no gradient flows below the cut), a cached epoch only the top
+blocks' forward and backward (3f), so (1 + 2f) / 3f. Decoding, which the cached side also
+skips, comes on top.
+
     python bench/finetune_cached.py                    # built-in digits, 3 epochs
     python bench/finetune_cached.py --epochs 5 --unfreeze 2
 
@@ -23,6 +29,7 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
+from torch.utils.flop_counter import FlopCounterMode
 
 from headstart.backbones import build_backbone
 from headstart.data import eval_transform, image_loader, load_prepared, sampling
@@ -132,6 +139,7 @@ def main() -> None:
             float((logits.argmax(1) == labels).mean()),
         )
 
+    share = top_flops_share(params.backbone.name, len(prepared.classes), unfreeze, size)
     print(
         f"{len(prepared.rows)} images, {params.backbone.name} at {size} px, top {unfreeze} blocks, "
         f"{args.epochs} epochs, batch {ft.batch_size}, {torch.get_num_threads()} threads, "
@@ -144,9 +152,27 @@ def main() -> None:
         print(
             f"{name}: {per_epoch:.1f} s/epoch, {total:.1f} s in all, test accuracy {accuracy:.4f}"
         )
+    print(
+        f"top {unfreeze} blocks: {share:.1%} of the forward FLOPs; compute alone allows "
+        f"{(1 + 2 * share) / (3 * share):.1f}x per epoch"
+    )
     print(f"accuracy_difference={cached[2] - full[2]:+.4f}")
     print(f"total_ratio={full[1] / cached[1]:.1f}")
     print(f"ratio={full[0] / cached[0]:.1f}")
+
+
+def top_flops_share(backbone: str, num_classes: int, unfreeze: int, size: int) -> float:
+    """The top `unfreeze` blocks' (with neck and head) share of one image's forward FLOPs."""
+    model = Classifier(build_backbone(backbone, "none"), num_classes).eval()
+    bottom, top = split_at_cut(model, unfreeze)
+    image = torch.zeros(1, 3, size, size)
+    with torch.no_grad():
+        with FlopCounterMode(display=False) as whole:
+            model(image)
+        cut = bottom(image)
+        with FlopCounterMode(display=False) as upper:
+            top(cut)
+    return upper.get_total_flops() / whole.get_total_flops()
 
 
 if __name__ == "__main__":

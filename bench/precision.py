@@ -8,8 +8,8 @@ train_head does (head params from params.yaml, early stopping on val) on both, a
 test accuracy split by split: the mean difference over all splits is measured on
 splits x 15% of the images.
 
-    python bench/precision.py                # 10 splits of the digits
-    python bench/precision.py --splits 20
+    python bench/precision.py                # 40 splits of the digits
+    python bench/precision.py --splits 10
 
 Needs data/digits and data/prepared (`dvc repro prepare`). The last line is the mean
 difference in points (bfloat16 minus float32) and its standard error.
@@ -25,13 +25,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from headstart.backbones import BACKBONES, build_backbone
 from headstart.data import eval_transform, image_loader, load_prepared, resolve_image_size
 from headstart.model import seed_everything, set_threads
 from headstart.params import load_params
-from headstart.train import fit, run_inference
+from headstart.train import fit, run_inference, tensor_batches
 
 
 def stratified_split(labels: np.ndarray, seed: int) -> dict[str, np.ndarray]:
@@ -51,10 +51,10 @@ def head_test_accuracy(features, labels, split, num_classes: int, head_params) -
     """train_head's linear head on `features`, early-stopped on val; accuracy on test."""
     generator = seed_everything(head_params.seed)
 
-    def loader(part: str, **options) -> DataLoader:
+    def loader(part: str, batch_size: int, **options) -> DataLoader:
         rows = split[part]
-        data = TensorDataset(torch.from_numpy(features[rows]), torch.from_numpy(labels[rows]))
-        return DataLoader(data, **options)
+        x, y = torch.from_numpy(features[rows]), torch.from_numpy(labels[rows])
+        return tensor_batches(x, y, batch_size, **options)
 
     head = nn.Linear(features.shape[1], num_classes)
     groups = [
@@ -66,8 +66,8 @@ def head_test_accuracy(features, labels, split, num_classes: int, head_params) -
     ]
     fit(
         head,
-        loader("train", batch_size=head_params.batch_size, shuffle=True, generator=generator),
-        loader("val", batch_size=1024),
+        loader("train", head_params.batch_size, shuffle=True, generator=generator),
+        loader("val", 1024),
         groups,
         epochs=head_params.epochs,
         patience=head_params.patience,
@@ -84,7 +84,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=Path("data/digits"))
     parser.add_argument("--prepared", type=Path, default=Path("data/prepared"))
-    parser.add_argument("--splits", type=int, default=10)
+    parser.add_argument("--splits", type=int, default=40)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     params = load_params()

@@ -15,14 +15,13 @@ from pathlib import Path
 import torch
 from dvclive import Live
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from headstart.environment import describe
 from headstart.io import read_array, read_json, save_checkpoint
 from headstart.model import seed_everything
 from headstart.params import as_dict, load_params
 from headstart.stage import run
-from headstart.train import fit, fit_logreg, live_logger
+from headstart.train import fit, fit_logreg, live_logger, tensor_batches
 
 log = logging.getLogger("headstart.train_head")
 
@@ -53,15 +52,14 @@ def main(argv: list[str] | None = None) -> None:
             )
         else:
             head = nn.Linear(meta["num_features"], num_classes)
-            train = DataLoader(
-                TensorDataset(torch.from_numpy(train_x), torch.from_numpy(train_y)),
-                batch_size=params.batch_size,
+            train = tensor_batches(
+                torch.from_numpy(train_x),
+                torch.from_numpy(train_y),
+                params.batch_size,
                 shuffle=True,
                 generator=generator,
             )
-            val = DataLoader(
-                TensorDataset(torch.from_numpy(val_x), torch.from_numpy(val_y)), batch_size=1024
-            )
+            val = tensor_batches(torch.from_numpy(val_x), torch.from_numpy(val_y), 1024)
             groups = [
                 {
                     "params": list(head.parameters()),

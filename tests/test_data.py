@@ -430,3 +430,39 @@ def test_augmentation_does_not_depend_on_the_loader_workers(image_folder):
     dataset = data.ImageDataset(image_folder, [rows[0]["path"]], [0], transform)
     assert torch.equal(dataset[(0, 1)][0], dataset[(0, 1)][0])
     assert not torch.equal(dataset[(0, 1)][0], dataset[(0, 2)][0])
+
+
+def test_loader_normalises_whole_batches_bit_for_bit(image_folder):
+    """The eval transform's ToTensor + Normalize run on whole batches in the main process
+    (workers send uint8 pixels): the same float32 values, bit for bit, as the per-image
+    transform, with and without worker processes. An augmenting transform runs whole in the
+    workers."""
+    import torch
+
+    samples = data.index_image_folder(image_folder).samples
+    rows = [{"path": s.path, "label": s.label} for s in samples]
+    classes = {c: i for i, c in enumerate(sorted({r["label"] for r in rows}))}
+    transform = data.eval_transform(24, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    dataset = data.ImageDataset(
+        image_folder, [r["path"] for r in rows], [classes[r["label"]] for r in rows], transform
+    )
+    expected = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    for workers in (0, 2):
+        loader = data.image_loader(
+            image_folder,
+            rows,
+            classes,
+            transform,
+            decode_size=None,
+            batch_size=7,
+            num_workers=workers,
+        )
+        assert loader.dataset.transform.transforms[-1].__class__.__name__ == "PILToTensor"
+        images = torch.cat([batch for batch, _ in loader])
+        assert images.dtype == torch.float32
+        assert torch.equal(images, expected)
+    augmenting = data.train_transform(24, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "light")
+    loader = data.image_loader(
+        image_folder, rows, classes, augmenting, decode_size=None, batch_size=7, num_workers=0
+    )
+    assert loader.dataset.transform is augmenting

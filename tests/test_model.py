@@ -631,3 +631,28 @@ def test_array_writer_writes_the_bytes_np_save_writes(tmp_path):
     with pytest.raises(ValueError, match="do not fit"):
         with ArrayWriter(tmp_path / "wide.npy", (3, 4), np.float32) as out:
             out.write(values[:3])
+
+
+def test_tensor_batches_are_the_tensor_dataset_loaders_batches():
+    """tensor_batches gives the batches DataLoader(TensorDataset) gives, in the same order
+    epoch after epoch, and leaves the generator where that loader leaves it: the head trains
+    the same with either."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from headstart.train import tensor_batches
+
+    x, y = torch.randn(103, 5), torch.arange(103)
+    for shuffle in (True, False):
+        ours = tensor_batches(x, y, 16, shuffle, torch.Generator().manual_seed(4))
+        usual_generator = torch.Generator().manual_seed(4)
+        usual = DataLoader(
+            TensorDataset(x, y), batch_size=16, shuffle=shuffle, generator=usual_generator
+        )
+        assert len(ours) == len(usual) == 7
+        for _ in range(3):  # epochs
+            pairs = list(zip(ours, usual, strict=True))
+            for (our_x, our_y), (usual_x, usual_y) in pairs:
+                assert torch.equal(our_x, usual_x) and torch.equal(our_y, usual_y)
+        assert torch.equal(ours.generator.get_state(), usual_generator.get_state())
+    first_epoch = torch.cat([labels for _, labels in ours])
+    assert first_epoch.tolist() == list(range(103))  # unshuffled: in order
