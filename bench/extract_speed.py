@@ -5,7 +5,9 @@ For each input size and precision, side by side in one process:
   ceiling: no decoding, no resizing);
 - extract: what the extract stage runs, files to features (decode, resize, crop, normalise in
   `compute.num_workers` loader processes, forward pass, features out);
-- full decode: the same, but every JPEG decoded at full size (no reduced-scale decoding).
+- full decode: the same, but every JPEG decoded at full size (no reduced-scale decoding);
+- per-image normalise: the same, but the workers convert and normalise each image and send
+  float32 (the loader otherwise sends uint8 and normalises whole batches).
 The ratio extract/model says whether decoding is the bottleneck (target: 0.8 or more).
 Images are generated JPEGs (bench/synthetic.py), 400x300 by default, like photos.
 
@@ -27,6 +29,7 @@ from pathlib import Path
 
 import torch
 from synthetic import make_photos
+from torchvision.transforms import Compose
 
 from headstart.backbones import BACKBONES, build_backbone
 from headstart.data import eval_transform, image_loader
@@ -72,7 +75,7 @@ def main() -> None:
     )
     print(
         f"{'size':>5} {'precision':<25} {'model img/s':>12} {'extract img/s':>14} "
-        f"{'full decode':>12} {'ratio':>6}"
+        f"{'full decode':>12} {'per-image norm':>15} {'ratio':>6}"
     )
     results = {}
     for size in args.sizes:
@@ -85,12 +88,15 @@ def main() -> None:
             images_per_second(ready[:1], len(ready[0][0]), backbone, precision)  # warm-up
             model_speed = images_per_second(ready, len(rows), backbone, precision)
             speeds = []
-            for decode_size in (size, None):
+            transform = eval_transform(size, spec.mean, spec.std)
+            # Wrapped in a Compose of its own, the loader cannot split off the normalisation.
+            variants = [(transform, size), (transform, None), (Compose([transform]), size)]
+            for variant, decode_size in variants:
                 loader = image_loader(
                     folder,
                     rows,
                     class_to_index,
-                    eval_transform(size, spec.mean, spec.std),
+                    variant,
                     decode_size=decode_size,
                     batch_size=batch_size,
                     num_workers=workers,
@@ -101,7 +107,8 @@ def main() -> None:
             results[size, wanted] = ratio
             print(
                 f"{size:>5} {wanted + ' = ' + precision_name(precision):<25} "
-                f"{model_speed:>12.1f} {speeds[0]:>14.1f} {speeds[1]:>12.1f} {ratio:>6.2f}"
+                f"{model_speed:>12.1f} {speeds[0]:>14.1f} {speeds[1]:>12.1f} {speeds[2]:>15.1f} "
+                f"{ratio:>6.2f}"
             )
     last = (224, "auto") if (224, "auto") in results else next(iter(results))
     print(f"ratio={results[last]:.2f}")

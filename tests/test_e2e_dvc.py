@@ -107,9 +107,10 @@ FAST = {
 
 
 def test_head_experiment_reuses_the_features_and_the_diffs_show_only_it(dvc_baseline, tmp_path):
-    """After a full `dvc repro` (the shared baseline): a head-only experiment reuses the
-    features and reruns what follows, then nothing runs; committed, `dvc metrics diff` and
-    `dvc params diff` show exactly what changed."""
+    """After a full `dvc repro` (the shared baseline): an experiment on the head alone
+    (`dvc exp run ... train_head`) runs train_head and nothing else; a head-only experiment
+    reuses the features and reruns what follows, then nothing runs; committed,
+    `dvc metrics diff` and `dvc params diff` show exactly what changed."""
     repo = _copy_repo(dvc_baseline, tmp_path / "repo")
     metrics = json.loads((repo / "metrics" / "evaluate.json").read_text())
     for model in ("head", "finetuned"):
@@ -120,8 +121,14 @@ def test_head_experiment_reuses_the_features_and_the_diffs_show_only_it(dvc_base
     baseline_step = json.loads((repo / "dvclive/train_head/metrics.json").read_text())["step"]
     assert baseline_step == FAST["head.epochs"] - 1
 
-    # A head-only change: the features are reused, everything after the head reruns.
+    # The head alone, as a quick sweep runs it: train_head and nothing after it.
     epochs = FAST["head.epochs"] + 3  # fewer than head.patience: every epoch runs
+    quick = run(repo, "dvc", "exp", "run", "-S", f"head.epochs={epochs - 1}", "train_head")
+    assert ran_stages(quick) == {"train_head"}, quick
+    step = json.loads((repo / "dvclive/train_head/metrics.json").read_text())["step"]
+    assert step == epochs - 2
+
+    # A head-only change: the features are reused, everything after the head reruns.
     experiment = run(repo, "dvc", "exp", "run", "-S", f"head.epochs={epochs}")
     assert ran_stages(experiment) == {"train_head", "finetune", "evaluate", "export"}, experiment
     assert "Stage 'extract' didn't change, skipping" in experiment
