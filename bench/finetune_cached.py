@@ -67,7 +67,6 @@ def main() -> None:
         return image_loader(
             args.data,
             prepared.split(split),
-            prepared.class_to_index,
             transform,
             decode_size=size,
             batch_size=ft.batch_size,
@@ -133,7 +132,8 @@ def main() -> None:
         )
 
     print(
-        f"{len(prepared.rows)} images, {params.backbone.name} at {size} px, top {unfreeze} blocks, "
+        f"{len(prepared.images)} images, {params.backbone.name} at {size} px, "
+        f"top {unfreeze} blocks, "
         f"{args.epochs} epochs, batch {ft.batch_size}, {torch.get_num_threads()} threads, "
         f"{precision_name(precision)}"
     )

@@ -69,7 +69,6 @@ def main() -> None:
         return image_loader(
             args.data,
             prepared.split(split),
-            prepared.class_to_index,
             transform,
             decode_size=size,
             batch_size=params.compute.batch_size,
@@ -82,7 +81,7 @@ def main() -> None:
 
     backbone = build_backbone(params.backbone.name, params.backbone.weights)
     print(
-        f"{len(prepared.rows)} images, {params.backbone.name} at {size} px, "
+        f"{len(prepared.images)} images, {params.backbone.name} at {size} px, "
         f"{args.epochs} epochs, {torch.get_num_threads()} threads, {precision_name(precision)}"
     )
 
@@ -135,7 +134,6 @@ def main() -> None:
     train = image_loader(
         args.data,
         prepared.split("train"),
-        prepared.class_to_index,
         transform,
         decode_size=size,
         batch_size=head.batch_size,

@@ -33,6 +33,17 @@ def _images_on_disk(root: Path) -> set[str]:
     return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
 
 
+def _images(samples) -> data.Images:
+    """Indexed samples as the loaders take them (all in train; labels by sorted class name)."""
+    classes = sorted({s.label for s in samples})
+    return data.Images(
+        [s.path for s in samples],
+        np.array([classes.index(s.label) for s in samples], dtype=np.int64),
+        np.zeros(len(samples), dtype=np.int8),
+        np.array([s.sha256 for s in samples], dtype="S64"),
+    )
+
+
 def _splits(root: Path, seed: int = SEED) -> dict[str, str]:
     _, samples, _ = _index(root)
     split, conflicts = assign_splits(samples, 0.15, 0.15, seed)
@@ -347,7 +358,7 @@ def test_index_entries_must_stay_inside_data_dir(tmp_path, image_folder):
     write_json(prepared / "classes.json", classes)
     write_json(prepared / "report.json", report)
     write_csv(prepared / "index.csv", INDEX_HEADER, rows)
-    assert len(load_prepared(image_folder, prepared).rows) == len(rows)
+    assert len(load_prepared(image_folder, prepared).images) == len(rows)
 
     secret = tmp_path / "secret.png"
     shutil.copy(image_folder / rows[0][0], secret)
@@ -364,15 +375,11 @@ def test_batch_order_depends_on_the_generator_alone(image_folder):
     import torch
     from torch.utils.data import DataLoader, TensorDataset
 
-    rows = [
-        {"path": s.path, "label": s.label} for s in data.index_image_folder(image_folder).samples
-    ]
-    classes = {c: i for i, c in enumerate(sorted({r["label"] for r in rows}))}
+    images = _images(data.index_image_folder(image_folder).samples)
     transform = data.eval_transform(8, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     files = data.image_loader(
         image_folder,
-        rows,
-        classes,
+        images,
         transform,
         decode_size=8,
         batch_size=5,
@@ -381,7 +388,7 @@ def test_batch_order_depends_on_the_generator_alone(image_folder):
         generator=torch.Generator().manual_seed(3),
     )
     # Tensors that carry each sample's position, so the order can be compared.
-    positions = TensorDataset(torch.arange(len(rows)), torch.arange(len(rows)))
+    positions = TensorDataset(torch.arange(len(images)), torch.arange(len(images)))
     tensors = DataLoader(
         positions, **data.sampling(positions, 5, True, torch.Generator().manual_seed(3))
     )
@@ -390,8 +397,10 @@ def test_batch_order_depends_on_the_generator_alone(image_folder):
     torch.manual_seed(0)
     from_files, from_tensors = [], []
     for _ in range(3):
-        from_files.append(torch.cat([labels for _, labels in files]).tolist())
-        from_tensors.append([classes[rows[i]["label"]] for i in torch.cat([i for i, _ in tensors])])
+        labels = torch.cat([labels for _, labels in files])
+        assert labels.dtype == torch.int64
+        from_files.append(labels.tolist())
+        from_tensors.append([int(images.labels[i]) for i in torch.cat([i for i, _ in tensors])])
     del files
     assert torch.rand(1) == expected_global  # nothing drew from the global generator
     assert from_files == from_tensors
@@ -404,17 +413,13 @@ def test_augmentation_does_not_depend_on_the_loader_workers(image_folder):
     0 or 2 worker processes."""
     import torch
 
-    rows = [
-        {"path": s.path, "label": s.label} for s in data.index_image_folder(image_folder).samples
-    ]
-    classes = {c: i for i, c in enumerate(sorted({r["label"] for r in rows}))}
+    images = _images(data.index_image_folder(image_folder).samples)
     transform = data.train_transform(16, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "light")
 
     def epochs(num_workers: int) -> list[torch.Tensor]:
         loader = data.image_loader(
             image_folder,
-            rows,
-            classes,
+            images,
             transform,
             decode_size=16,
             batch_size=5,
@@ -427,6 +432,7 @@ def test_augmentation_does_not_depend_on_the_loader_workers(image_folder):
     in_process, workers = epochs(0), epochs(2)
     assert all(torch.equal(a, b) for a, b in zip(in_process, workers, strict=True))
     # The seed decides the draw: the same seed, the same image; another seed, another one.
-    dataset = data.ImageDataset(image_folder, [rows[0]["path"]], [0], transform)
+    dataset = data.ImageDataset(image_folder, images.paths[:1], images.labels[:1], transform)
+    assert type(dataset[0][1]) is int
     assert torch.equal(dataset[(0, 1)][0], dataset[(0, 1)][0])
     assert not torch.equal(dataset[(0, 1)][0], dataset[(0, 2)][0])
