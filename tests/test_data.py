@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -366,6 +367,50 @@ def test_index_entries_must_stay_inside_data_dir(tmp_path, image_folder):
     write_csv(prepared / "index.csv", INDEX_HEADER, escaping)
     with pytest.raises(ValueError, match=r"\.\./secret\.png.*leaves"):
         load_prepared(image_folder, prepared)
+
+    # Through links inside data.dir: a folder link and a file link that point outside it.
+    (tmp_path / "elsewhere").mkdir()
+    os.symlink(tmp_path / "elsewhere", image_folder / "linked")
+    os.symlink(secret, image_folder / rows[0][1] / "linked.png")
+    for path in ("linked/secret.png", f"{rows[0][1]}/linked.png", f"{rows[0][1]}/../.."):
+        write_csv(prepared / "index.csv", INDEX_HEADER, [[path, *rows[0][1:]]] + rows[1:])
+        with pytest.raises(ValueError, match=rf"{re.escape(path)}.*leaves"):
+            load_prepared(image_folder, prepared)
+
+
+def test_load_prepared_reads_the_index_by_column(tmp_path, image_folder):
+    """The columns hold the index's rows in order: paths, class indices, split indices and
+    digests; a wrong header, an unknown label or a malformed row is refused with the fix."""
+    from headstart.data import INDEX_HEADER, SPLITS, load_prepared
+    from headstart.io import write_csv, write_json
+
+    classes, rows, report = prepare_index(image_folder, 0.15, 0.15, SEED)
+    prepared = tmp_path / "prepared"
+    write_json(prepared / "classes.json", classes)
+    write_json(prepared / "report.json", report)
+    write_csv(prepared / "index.csv", INDEX_HEADER, rows)
+    loaded = load_prepared(image_folder, prepared)
+    images = loaded.images
+    assert images.paths == [r[0] for r in rows]
+    assert images.labels.dtype == np.int64 and images.splits.dtype == np.int8
+    assert [classes[i] for i in images.labels] == [r[1] for r in rows]
+    assert [SPLITS[i] for i in images.splits] == [r[2] for r in rows]
+    assert [d.decode() for d in images.sha256] == [r[3] for r in rows]
+    test = loaded.split("test")
+    assert test.paths == [r[0] for r in rows if r[2] == "test"]
+    assert [classes[i] for i in test.labels] == [r[1] for r in rows if r[2] == "test"]
+    assert images.subset([2, 0]).paths == [rows[2][0], rows[0][0]]
+
+    first, rest = rows[0], rows[1:]
+    for header, lines, message in (
+        (INDEX_HEADER[::-1], rows, r"index\.csv: header .* rerun prepare \(dvc repro\)"),
+        (INDEX_HEADER, [[first[0], "zebra", *first[2:]], *rest], r"\['zebra'\] are not in"),
+        (INDEX_HEADER, [[*first[:2], "holdout", *first[3:]], *rest], r"line 2: .*holdout"),
+        (INDEX_HEADER, [first[:4], *rest], r"line 2: .*rerun prepare"),
+    ):
+        write_csv(prepared / "index.csv", header, lines)
+        with pytest.raises(ValueError, match=message):
+            load_prepared(image_folder, prepared)
 
 
 def test_batch_order_depends_on_the_generator_alone(image_folder):
