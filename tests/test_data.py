@@ -481,3 +481,47 @@ def test_augmentation_does_not_depend_on_the_loader_workers(image_folder):
     assert type(dataset[0][1]) is int
     assert torch.equal(dataset[(0, 1)][0], dataset[(0, 1)][0])
     assert not torch.equal(dataset[(0, 1)][0], dataset[(0, 2)][0])
+
+
+def test_prepared_index_memory_per_image_is_small(tmp_path):
+    """The index is held by column (a path string, an int64 label, an int8 split and 64 bytes
+    of digest per image), never as a dict per row: extract's memory must not grow by
+    hundreds of bytes per image (a list of dicts costs about 680 bytes per row)."""
+    import hashlib
+    import tracemalloc
+
+    from headstart.data import INDEX_HEADER, SPLITS, load_prepared
+    from headstart.io import write_csv, write_json
+
+    num_images, num_classes = 20_000, 10
+    classes = [f"class_{c:02d}" for c in range(num_classes)]
+    prepared = tmp_path / "prepared"
+    write_json(prepared / "classes.json", classes)
+    write_json(prepared / "report.json", {"num_images": num_images})
+    write_csv(
+        prepared / "index.csv",
+        INDEX_HEADER,
+        [
+            [
+                f"{classes[i % num_classes]}/IMG_20240101_{i:06d}.jpg",
+                classes[i % num_classes],
+                SPLITS[i % 3],
+                hashlib.sha256(str(i).encode()).hexdigest(),
+                "4032",
+                "3024",
+            ]
+            for i in range(num_images)
+        ],
+    )
+    root = tmp_path / "data"  # the check does not open the images: none need exist
+    root.mkdir()
+
+    tracemalloc.start()
+    try:
+        loaded = load_prepared(root, prepared)
+        current, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(loaded.images) == num_images
+    assert current / num_images < 250, f"{current / num_images:.0f} bytes per image held"
+    assert peak / num_images < 250, f"{peak / num_images:.0f} bytes per image at the peak"
