@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
 
@@ -166,6 +168,25 @@ def test_data_fingerprint_ignores_order_and_paths():
     assert fingerprint == data_fingerprint(_images(moved, classes), classes)
     relabelled = [rows[0], rows[1] | {"split": "val"}]
     assert fingerprint != data_fingerprint(_images(relabelled, classes), classes)
+
+
+def test_data_fingerprint_is_the_recorded_formula():
+    """Committed outputs (calibration.json, the model card) record the fingerprint: it stays
+    sha256 over the sorted "sha256,label,split" lines, label and split by name."""
+    rows = [
+        {
+            "path": f"{CLASSES[i % 3]}/{i}.png",
+            "sha256": hashlib.sha256(str(i).encode()).hexdigest(),
+            "label": CLASSES[i % 3],
+            "split": SPLITS[i % 5 % 3],
+        }
+        for i in range(30)
+    ]
+    lines = sorted(f"{r['sha256']},{r['label']},{r['split']}" for r in rows)
+    by_hand = hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest()
+    assert data_fingerprint(_images(rows, CLASSES), CLASSES) == by_hand
+    # The value the rows-based function of earlier versions gave for these rows.
+    assert by_hand == "6460fda2c9cc5dfdb535c55182bf8f626d4b112bc946ee2ece2dea214de8d626"
 
 
 def test_wilson_interval():
