@@ -27,12 +27,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from synthetic import make_photos
 from torchvision.transforms import Compose
 
 from headstart.backbones import BACKBONES, build_backbone
-from headstart.data import eval_transform, image_loader
+from headstart.data import Images, eval_transform, image_loader
 from headstart.model import precision_name, resolve_precision, set_threads
 from headstart.params import load_params
 from headstart.train import iter_inference
@@ -66,10 +67,16 @@ def main() -> None:
     folder = args.folder or Path(tempfile.mkdtemp(prefix="headstart-bench-"))
     make_photos(folder, args.images, size=tuple(args.photo_size))
     paths = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.jpg"))
-    rows = [{"path": p, "label": p.split("/")[0]} for p in paths[: args.images]]
-    class_to_index = {c: i for i, c in enumerate(sorted({r["label"] for r in rows}))}
+    paths = paths[: args.images]
+    classes = sorted({p.split("/")[0] for p in paths})
+    images = Images(  # splits and digests are not read here: placeholders of the right type
+        paths,
+        np.array([classes.index(p.split("/")[0]) for p in paths], dtype=np.int64),
+        np.zeros(len(paths), dtype=np.int8),
+        np.zeros(len(paths), dtype="S64"),
+    )
     print(
-        f"{name}, {len(rows)} JPEGs {args.photo_size[0]}x{args.photo_size[1]}, "
+        f"{name}, {len(images)} JPEGs {args.photo_size[0]}x{args.photo_size[1]}, "
         f"batch {batch_size}, {workers} loader workers, "
         f"{torch.get_num_threads()} torch threads"
     )
@@ -80,13 +87,13 @@ def main() -> None:
     results = {}
     for size in args.sizes:
         ready = [
-            (torch.randn(min(batch_size, len(rows) - i), 3, size, size), torch.zeros(1))
-            for i in range(0, len(rows), batch_size)
+            (torch.randn(min(batch_size, len(images) - i), 3, size, size), torch.zeros(1))
+            for i in range(0, len(images), batch_size)
         ]
         for wanted in args.precisions:
             precision = resolve_precision(wanted, torch.device("cpu"))
             images_per_second(ready[:1], len(ready[0][0]), backbone, precision)  # warm-up
-            model_speed = images_per_second(ready, len(rows), backbone, precision)
+            model_speed = images_per_second(ready, len(images), backbone, precision)
             speeds = []
             transform = eval_transform(size, spec.mean, spec.std)
             # Wrapped in a Compose of its own, the loader cannot split off the normalisation.
@@ -94,14 +101,13 @@ def main() -> None:
             for variant, decode_size in variants:
                 loader = image_loader(
                     folder,
-                    rows,
-                    class_to_index,
+                    images,
                     variant,
                     decode_size=decode_size,
                     batch_size=batch_size,
                     num_workers=workers,
                 )
-                speeds.append(images_per_second(loader, len(rows), backbone, precision))
+                speeds.append(images_per_second(loader, len(images), backbone, precision))
                 del loader  # stops its workers before the next measurement
             ratio = speeds[0] / model_speed
             results[size, wanted] = ratio

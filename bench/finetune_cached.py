@@ -74,7 +74,6 @@ def main() -> None:
         return image_loader(
             args.data,
             prepared.split(split),
-            prepared.class_to_index,
             transform,
             decode_size=size,
             batch_size=ft.batch_size,
@@ -141,7 +140,8 @@ def main() -> None:
 
     share = top_flops_share(params.backbone.name, len(prepared.classes), unfreeze, size)
     print(
-        f"{len(prepared.rows)} images, {params.backbone.name} at {size} px, top {unfreeze} blocks, "
+        f"{len(prepared.images)} images, {params.backbone.name} at {size} px, "
+        f"top {unfreeze} blocks, "
         f"{args.epochs} epochs, batch {ft.batch_size}, {torch.get_num_threads()} threads, "
         f"{precision_name(precision)}"
     )

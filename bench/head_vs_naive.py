@@ -79,7 +79,6 @@ def main() -> None:
         return image_loader(
             args.data,
             prepared.split(split),
-            prepared.class_to_index,
             transform,
             decode_size=size,
             batch_size=params.compute.batch_size,
@@ -92,7 +91,7 @@ def main() -> None:
 
     backbone = build_backbone(params.backbone.name, params.backbone.weights)
     print(
-        f"{len(prepared.rows)} images, {params.backbone.name} at {size} px, "
+        f"{len(prepared.images)} images, {params.backbone.name} at {size} px, "
         f"{args.epochs} epochs, {torch.get_num_threads()} threads, {precision_name(precision)}"
     )
 
@@ -142,7 +141,6 @@ def main() -> None:
     train = image_loader(
         args.data,
         prepared.split("train"),
-        prepared.class_to_index,
         transform,
         decode_size=size,
         batch_size=head.batch_size,

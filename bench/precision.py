@@ -95,8 +95,7 @@ def main() -> None:
     backbone = build_backbone(params.backbone.name, params.backbone.weights)
     loader = image_loader(
         args.data,
-        prepared.rows,
-        prepared.class_to_index,
+        prepared.images,
         eval_transform(size, spec.mean, spec.std),
         decode_size=size,
         batch_size=params.compute.batch_size,

@@ -95,7 +95,6 @@ def main(argv: list[str] | None = None) -> None:
     loader = image_loader(
         args.data_dir,
         prepared.split("test"),
-        prepared.class_to_index,
         eval_transform(meta["image_size"], meta["mean"], meta["std"]),
         decode_size=meta["image_size"],
         batch_size=params.compute.batch_size,
@@ -124,7 +123,6 @@ def main(argv: list[str] | None = None) -> None:
             image_loader(
                 args.data_dir,
                 prepared.split("val"),
-                prepared.class_to_index,
                 eval_transform(meta["image_size"], meta["mean"], meta["std"]),
                 decode_size=meta["image_size"],
                 batch_size=params.compute.batch_size,
@@ -153,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     metrics["finetuned"] |= {"ece_calibrated": ece["calibrated"], "temperature": temperature}
     metrics["test_images"] = int(len(test_y))
     write_json(args.metrics, metrics)
-    fingerprint = data_fingerprint(prepared.rows)
+    fingerprint = data_fingerprint(prepared.images, classes)
     # Beside the model: the temperature predict and export apply, and (for `headstart info`)
     # what this evaluation measured on which data.
     calibration = calibration_record(
@@ -190,18 +188,18 @@ def main(argv: list[str] | None = None) -> None:
         args.plots_dir / "confusion_finetuned.png",
         confusion_png(counts, classes, f"Test confusion matrix, fine-tuned ({len(test_y)} images)"),
     )
-    test_rows = prepared.split("test")
+    test_paths = prepared.split("test").paths  # in test_y's order
     worst = worst_misclassified(probabilities["calibrated"], test_y)
     write_bytes(
         args.plots_dir / "worst_misclassified.png",
         image_grid_png(
-            [decode_image(args.data_dir / test_rows[i]["path"]).image for i in worst],
+            [decode_image(args.data_dir / test_paths[i]).image for i in worst],
             [
                 [
                     f"predicted {classes[finetuned_pred[i]]} "
                     f"({probabilities['calibrated'][i].max():.2f})",
                     f"true {classes[test_y[i]]}",
-                    Path(test_rows[i]["path"]).name,
+                    Path(test_paths[i]).name,
                 ]
                 for i in worst
             ],

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int | None:
         transform = eval_transform(size, spec.mean, spec.std)
         log.info(
             "extracting %d images at %dx%d px on %s (%s)",
-            len(prepared.rows),
+            len(prepared.images),
             size,
             size,
             device,
@@ -64,7 +64,6 @@ def main(argv: list[str] | None = None) -> int | None:
                 loader = image_loader(
                     args.data_dir,
                     prepared.split(split),
-                    prepared.class_to_index,
                     transform,
                     decode_size=size,
                     batch_size=params.compute.batch_size,

@@ -98,9 +98,8 @@ def main(argv: list[str] | None = None) -> int | None:
         }
 
         def images(split: str, transform, **options) -> DataLoader:
-            rows = prepared.split(split)
             return image_loader(
-                args.data_dir, rows, prepared.class_to_index, transform, **loader_options, **options
+                args.data_dir, prepared.split(split), transform, **loader_options, **options
             )
 
         with contextlib.ExitStack() as stack:

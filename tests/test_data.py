@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -31,6 +32,17 @@ def _index(root: Path):
 
 def _images_on_disk(root: Path) -> set[str]:
     return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+
+
+def _images(samples) -> data.Images:
+    """Indexed samples as the loaders take them (all in train; labels by sorted class name)."""
+    classes = sorted({s.label for s in samples})
+    return data.Images(
+        [s.path for s in samples],
+        np.array([classes.index(s.label) for s in samples], dtype=np.int64),
+        np.zeros(len(samples), dtype=np.int8),
+        np.array([s.sha256 for s in samples], dtype="S64"),
+    )
 
 
 def _splits(root: Path, seed: int = SEED) -> dict[str, str]:
@@ -347,7 +359,7 @@ def test_index_entries_must_stay_inside_data_dir(tmp_path, image_folder):
     write_json(prepared / "classes.json", classes)
     write_json(prepared / "report.json", report)
     write_csv(prepared / "index.csv", INDEX_HEADER, rows)
-    assert len(load_prepared(image_folder, prepared).rows) == len(rows)
+    assert len(load_prepared(image_folder, prepared).images) == len(rows)
 
     secret = tmp_path / "secret.png"
     shutil.copy(image_folder / rows[0][0], secret)
@@ -355,6 +367,50 @@ def test_index_entries_must_stay_inside_data_dir(tmp_path, image_folder):
     write_csv(prepared / "index.csv", INDEX_HEADER, escaping)
     with pytest.raises(ValueError, match=r"\.\./secret\.png.*leaves"):
         load_prepared(image_folder, prepared)
+
+    # Through links inside data.dir: a folder link and a file link that point outside it.
+    (tmp_path / "elsewhere").mkdir()
+    os.symlink(tmp_path / "elsewhere", image_folder / "linked")
+    os.symlink(secret, image_folder / rows[0][1] / "linked.png")
+    for path in ("linked/secret.png", f"{rows[0][1]}/linked.png", f"{rows[0][1]}/../.."):
+        write_csv(prepared / "index.csv", INDEX_HEADER, [[path, *rows[0][1:]]] + rows[1:])
+        with pytest.raises(ValueError, match=rf"{re.escape(path)}.*leaves"):
+            load_prepared(image_folder, prepared)
+
+
+def test_load_prepared_reads_the_index_by_column(tmp_path, image_folder):
+    """The columns hold the index's rows in order: paths, class indices, split indices and
+    digests; a wrong header, an unknown label or a malformed row is refused with the fix."""
+    from headstart.data import INDEX_HEADER, SPLITS, load_prepared
+    from headstart.io import write_csv, write_json
+
+    classes, rows, report = prepare_index(image_folder, 0.15, 0.15, SEED)
+    prepared = tmp_path / "prepared"
+    write_json(prepared / "classes.json", classes)
+    write_json(prepared / "report.json", report)
+    write_csv(prepared / "index.csv", INDEX_HEADER, rows)
+    loaded = load_prepared(image_folder, prepared)
+    images = loaded.images
+    assert images.paths == [r[0] for r in rows]
+    assert images.labels.dtype == np.int64 and images.splits.dtype == np.int8
+    assert [classes[i] for i in images.labels] == [r[1] for r in rows]
+    assert [SPLITS[i] for i in images.splits] == [r[2] for r in rows]
+    assert [d.decode() for d in images.sha256] == [r[3] for r in rows]
+    test = loaded.split("test")
+    assert test.paths == [r[0] for r in rows if r[2] == "test"]
+    assert [classes[i] for i in test.labels] == [r[1] for r in rows if r[2] == "test"]
+    assert images.subset([2, 0]).paths == [rows[2][0], rows[0][0]]
+
+    first, rest = rows[0], rows[1:]
+    for header, lines, message in (
+        (INDEX_HEADER[::-1], rows, r"index\.csv: header .* rerun prepare \(dvc repro\)"),
+        (INDEX_HEADER, [[first[0], "zebra", *first[2:]], *rest], r"\['zebra'\] are not in"),
+        (INDEX_HEADER, [[*first[:2], "holdout", *first[3:]], *rest], r"line 2: .*holdout"),
+        (INDEX_HEADER, [first[:4], *rest], r"line 2: .*rerun prepare"),
+    ):
+        write_csv(prepared / "index.csv", header, lines)
+        with pytest.raises(ValueError, match=message):
+            load_prepared(image_folder, prepared)
 
 
 def test_batch_order_depends_on_the_generator_alone(image_folder):
@@ -364,15 +420,11 @@ def test_batch_order_depends_on_the_generator_alone(image_folder):
     import torch
     from torch.utils.data import DataLoader, TensorDataset
 
-    rows = [
-        {"path": s.path, "label": s.label} for s in data.index_image_folder(image_folder).samples
-    ]
-    classes = {c: i for i, c in enumerate(sorted({r["label"] for r in rows}))}
+    images = _images(data.index_image_folder(image_folder).samples)
     transform = data.eval_transform(8, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     files = data.image_loader(
         image_folder,
-        rows,
-        classes,
+        images,
         transform,
         decode_size=8,
         batch_size=5,
@@ -381,7 +433,7 @@ def test_batch_order_depends_on_the_generator_alone(image_folder):
         generator=torch.Generator().manual_seed(3),
     )
     # Tensors that carry each sample's position, so the order can be compared.
-    positions = TensorDataset(torch.arange(len(rows)), torch.arange(len(rows)))
+    positions = TensorDataset(torch.arange(len(images)), torch.arange(len(images)))
     tensors = DataLoader(
         positions, **data.sampling(positions, 5, True, torch.Generator().manual_seed(3))
     )
@@ -390,8 +442,10 @@ def test_batch_order_depends_on_the_generator_alone(image_folder):
     torch.manual_seed(0)
     from_files, from_tensors = [], []
     for _ in range(3):
-        from_files.append(torch.cat([labels for _, labels in files]).tolist())
-        from_tensors.append([classes[rows[i]["label"]] for i in torch.cat([i for i, _ in tensors])])
+        labels = torch.cat([labels for _, labels in files])
+        assert labels.dtype == torch.int64
+        from_files.append(labels.tolist())
+        from_tensors.append([int(images.labels[i]) for i in torch.cat([i for i, _ in tensors])])
     del files
     assert torch.rand(1) == expected_global  # nothing drew from the global generator
     assert from_files == from_tensors
@@ -404,17 +458,13 @@ def test_augmentation_does_not_depend_on_the_loader_workers(image_folder):
     0 or 2 worker processes."""
     import torch
 
-    rows = [
-        {"path": s.path, "label": s.label} for s in data.index_image_folder(image_folder).samples
-    ]
-    classes = {c: i for i, c in enumerate(sorted({r["label"] for r in rows}))}
+    images = _images(data.index_image_folder(image_folder).samples)
     transform = data.train_transform(16, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "light")
 
     def epochs(num_workers: int) -> list[torch.Tensor]:
         loader = data.image_loader(
             image_folder,
-            rows,
-            classes,
+            images,
             transform,
             decode_size=16,
             batch_size=5,
@@ -427,7 +477,8 @@ def test_augmentation_does_not_depend_on_the_loader_workers(image_folder):
     in_process, workers = epochs(0), epochs(2)
     assert all(torch.equal(a, b) for a, b in zip(in_process, workers, strict=True))
     # The seed decides the draw: the same seed, the same image; another seed, another one.
-    dataset = data.ImageDataset(image_folder, [rows[0]["path"]], [0], transform)
+    dataset = data.ImageDataset(image_folder, images.paths[:1], images.labels[:1], transform)
+    assert type(dataset[0][1]) is int
     assert torch.equal(dataset[(0, 1)][0], dataset[(0, 1)][0])
     assert not torch.equal(dataset[(0, 1)][0], dataset[(0, 2)][0])
 
@@ -439,30 +490,69 @@ def test_loader_normalises_whole_batches_bit_for_bit(image_folder):
     workers."""
     import torch
 
-    samples = data.index_image_folder(image_folder).samples
-    rows = [{"path": s.path, "label": s.label} for s in samples]
-    classes = {c: i for i, c in enumerate(sorted({r["label"] for r in rows}))}
+    images = _images(data.index_image_folder(image_folder).samples)
     transform = data.eval_transform(24, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-    dataset = data.ImageDataset(
-        image_folder, [r["path"] for r in rows], [classes[r["label"]] for r in rows], transform
-    )
+    dataset = data.ImageDataset(image_folder, images.paths, images.labels, transform)
     expected = torch.stack([dataset[i][0] for i in range(len(dataset))])
     for workers in (0, 2):
         loader = data.image_loader(
             image_folder,
-            rows,
-            classes,
+            images,
             transform,
             decode_size=None,
             batch_size=7,
             num_workers=workers,
         )
         assert loader.dataset.transform.transforms[-1].__class__.__name__ == "PILToTensor"
-        images = torch.cat([batch for batch, _ in loader])
-        assert images.dtype == torch.float32
-        assert torch.equal(images, expected)
+        pixels = torch.cat([batch for batch, _ in loader])
+        assert pixels.dtype == torch.float32
+        assert torch.equal(pixels, expected)
     augmenting = data.train_transform(24, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "light")
     loader = data.image_loader(
-        image_folder, rows, classes, augmenting, decode_size=None, batch_size=7, num_workers=0
+        image_folder, images, augmenting, decode_size=None, batch_size=7, num_workers=0
     )
     assert loader.dataset.transform is augmenting
+
+
+def test_prepared_index_memory_per_image_is_small(tmp_path):
+    """The index is held by column (a path string, an int64 label, an int8 split and 64 bytes
+    of digest per image), never as a dict per row: extract's memory must not grow by
+    hundreds of bytes per image (a list of dicts costs about 680 bytes per row)."""
+    import hashlib
+    import tracemalloc
+
+    from headstart.data import INDEX_HEADER, SPLITS, load_prepared
+    from headstart.io import write_csv, write_json
+
+    num_images, num_classes = 20_000, 10
+    classes = [f"class_{c:02d}" for c in range(num_classes)]
+    prepared = tmp_path / "prepared"
+    write_json(prepared / "classes.json", classes)
+    write_json(prepared / "report.json", {"num_images": num_images})
+    write_csv(
+        prepared / "index.csv",
+        INDEX_HEADER,
+        [
+            [
+                f"{classes[i % num_classes]}/IMG_20240101_{i:06d}.jpg",
+                classes[i % num_classes],
+                SPLITS[i % 3],
+                hashlib.sha256(str(i).encode()).hexdigest(),
+                "4032",
+                "3024",
+            ]
+            for i in range(num_images)
+        ],
+    )
+    root = tmp_path / "data"  # the check does not open the images: none need exist
+    root.mkdir()
+
+    tracemalloc.start()
+    try:
+        loaded = load_prepared(root, prepared)
+        current, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(loaded.images) == num_images
+    assert current / num_images < 250, f"{current / num_images:.0f} bytes per image held"
+    assert peak / num_images < 250, f"{peak / num_images:.0f} bytes per image at the peak"

@@ -18,7 +18,7 @@ import torch
 from PIL import Image, ImageFile
 
 from headstart import images
-from headstart.data import eval_transform, image_loader, index_image_folder
+from headstart.data import Images, eval_transform, image_loader, index_image_folder
 from headstart.images import UnusableImage, decode_image, load_rgb, to_rgb
 
 WHITE = (255, 255, 255)
@@ -381,17 +381,21 @@ def test_loader_error_names_the_file_that_broke_after_indexing(tmp_path, damage)
         (root / label).mkdir(parents=True)
         for index in range(4):
             noisy_rgb((12, 12), seed=10 * label_index + index).save(root / label / f"{index}.png")
-    rows = [{"path": s.path, "label": s.label} for s in index_image_folder(root).samples]
-    broken = root / rows[5]["path"]
+    samples = index_image_folder(root).samples
+    broken = root / samples[5].path
     if damage == "overwritten":
         broken.write_bytes(b"no longer an image")
     else:
         broken.unlink()
 
     transform = eval_transform(12, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-    loader = image_loader(
-        root, rows, {"cat": 0, "dog": 1}, transform, decode_size=12, batch_size=2, num_workers=2
+    indexed = Images(
+        [s.path for s in samples],
+        np.array([("cat", "dog").index(s.label) for s in samples], dtype=np.int64),
+        np.zeros(len(samples), dtype=np.int8),
+        np.array([s.sha256 for s in samples], dtype="S64"),
     )
+    loader = image_loader(root, indexed, transform, decode_size=12, batch_size=2, num_workers=2)
     batches, message = [], None
     try:
         for images_batch, labels in loader:
@@ -415,8 +419,7 @@ def test_dataset_error_names_the_file_in_the_main_process(tmp_path):
     (root / "cat" / "bad.png").write_bytes(b"not a png")
     loader = image_loader(
         root,
-        [{"path": "cat/bad.png", "label": "cat"}],
-        {"cat": 0},
+        Images(["cat/bad.png"], np.zeros(1, np.int64), np.zeros(1, np.int8), np.zeros(1, "S64")),
         lambda x: x,
         decode_size=8,
         batch_size=1,

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
 
+from headstart.data import SPLITS, Images
 from headstart.metrics import classification_report, confusion_counts, most_confused
 from headstart.report import data_fingerprint, render_model_card, wilson_interval
 
@@ -23,6 +26,16 @@ ENVIRONMENT = {
 }
 
 
+def _images(rows: list[dict[str, str]], classes: list[str]) -> Images:
+    """Index rows (path, sha256, label and split by name) as the columns load_prepared gives."""
+    return Images(
+        [r["path"] for r in rows],
+        np.array([classes.index(r["label"]) for r in rows], dtype=np.int64),
+        np.array([SPLITS.index(r["split"]) for r in rows], dtype=np.int8),
+        np.array([r["sha256"].encode() for r in rows], dtype="S64"),
+    )
+
+
 def _inputs(calibrated: bool = True) -> dict:
     reports = {
         "head": classification_report(Y_TRUE, HEAD, CLASSES),
@@ -37,7 +50,10 @@ def _inputs(calibrated: bool = True) -> dict:
     calibration = {"fitted": calibrated, "temperature": 0.8 if calibrated else 1.0}
     if calibrated:
         calibration |= {"val_images": 9, "val_nll_before": 0.5, "val_nll_after": 0.4}
-    rows = [{"sha256": f"{i:064x}", "label": CLASSES[i % 3], "split": "train"} for i in range(30)]
+    rows = [
+        {"path": f"{i}.png", "sha256": f"{i:064x}", "label": CLASSES[i % 3], "split": "train"}
+        for i in range(30)
+    ]
     return {
         "model_meta": {
             "backbone": "resnet18",
@@ -62,7 +78,7 @@ def _inputs(calibrated: bool = True) -> dict:
         },
         "data": {
             "dir": "data/raw",
-            "fingerprint": data_fingerprint(rows),
+            "fingerprint": data_fingerprint(_images(rows, CLASSES), CLASSES),
             "report": {
                 "layout": "class folders",
                 "num_images": 40,
@@ -142,14 +158,35 @@ def test_card_is_deterministic_and_has_no_dates():
 
 
 def test_data_fingerprint_ignores_order_and_paths():
+    classes = ["a", "b"]
     rows = [
-        {"path": "a/1.png", "sha256": "11", "label": "a", "split": "train"},
-        {"path": "b/2.png", "sha256": "22", "label": "b", "split": "test"},
+        {"path": "a/1.png", "sha256": "1" * 64, "label": "a", "split": "train"},
+        {"path": "b/2.png", "sha256": "2" * 64, "label": "b", "split": "test"},
     ]
     moved = [r | {"path": "elsewhere/" + r["path"]} for r in reversed(rows)]
-    assert data_fingerprint(rows) == data_fingerprint(moved)
+    fingerprint = data_fingerprint(_images(rows, classes), classes)
+    assert fingerprint == data_fingerprint(_images(moved, classes), classes)
     relabelled = [rows[0], rows[1] | {"split": "val"}]
-    assert data_fingerprint(rows) != data_fingerprint(relabelled)
+    assert fingerprint != data_fingerprint(_images(relabelled, classes), classes)
+
+
+def test_data_fingerprint_is_the_recorded_formula():
+    """Committed outputs (calibration.json, the model card) record the fingerprint: it stays
+    sha256 over the sorted "sha256,label,split" lines, label and split by name."""
+    rows = [
+        {
+            "path": f"{CLASSES[i % 3]}/{i}.png",
+            "sha256": hashlib.sha256(str(i).encode()).hexdigest(),
+            "label": CLASSES[i % 3],
+            "split": SPLITS[i % 5 % 3],
+        }
+        for i in range(30)
+    ]
+    lines = sorted(f"{r['sha256']},{r['label']},{r['split']}" for r in rows)
+    by_hand = hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest()
+    assert data_fingerprint(_images(rows, CLASSES), CLASSES) == by_hand
+    # The value the rows-based function of earlier versions gave for these rows.
+    assert by_hand == "6460fda2c9cc5dfdb535c55182bf8f626d4b112bc946ee2ece2dea214de8d626"
 
 
 def test_wilson_interval():

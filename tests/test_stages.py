@@ -7,6 +7,7 @@ in the working directory, as under `dvc repro`.
 from __future__ import annotations
 
 import csv
+import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -393,7 +394,6 @@ def test_info_shows_the_evaluation_beside_the_model(pipeline, capsys):
     """`headstart info` on the pipeline's model: test metrics, data fingerprint, temperature
     and environment, from the checkpoint and the calibration file evaluate wrote."""
     from headstart.cli import main
-    from headstart.report import data_fingerprint
 
     assert main(["info", str(pipeline / "models/finetuned.pt"), "--format", "json"]) == 0
     info = json.loads(capsys.readouterr().out)
@@ -402,8 +402,10 @@ def test_info_shows_the_evaluation_beside_the_model(pipeline, capsys):
     assert evaluation["temperature"] == metrics["finetuned"]["temperature"]
     assert evaluation["test"]["accuracy"] == metrics["finetuned"]["accuracy"]
     assert evaluation["test"]["images"] == metrics["test_images"]
+    # The recorded formula: sha256 over the index's sorted "sha256,label,split" lines.
     rows = _index_rows(pipeline / "data/prepared")
-    assert evaluation["data_fingerprint"] == data_fingerprint(rows)
+    lines = sorted(f"{r['sha256']},{r['label']},{r['split']}" for r in rows)
+    assert evaluation["data_fingerprint"] == hashlib.sha256("\n".join(lines).encode()).hexdigest()
     assert info["environment"]["device"] == "cpu"
 
 

@@ -8,12 +8,14 @@ identical bytes always land in the same split and adding images does not move ex
 
 from __future__ import annotations
 
+import array
+import csv
 import hashlib
 import logging
 import os
 import unicodedata
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,6 +35,8 @@ log = logging.getLogger(__name__)
 # Never classes, never samples: OS and tool droppings (plus every name starting with a dot).
 SYSTEM_NAMES = frozenset({"Thumbs.db", "desktop.ini", "__MACOSX"})
 SPLITS = ("train", "val", "test")
+# data/prepared/index.csv's columns, written by prepare, read by load_prepared.
+INDEX_HEADER = ["path", "label", "split", "sha256", "width", "height"]
 
 # Why a file under data.dir is not in the index (codes in report.json's skipped list).
 SKIP_REASONS = {
@@ -386,7 +390,7 @@ class ImageDataset(Dataset):
         self,
         root: Path,
         paths: list[str],
-        labels: list[int],
+        labels: Sequence[int] | np.ndarray,
         transform,
         decode_size: int | None = None,
     ):
@@ -404,13 +408,14 @@ class ImageDataset(Dataset):
         then come from that seed alone."""
         index, seed = item if isinstance(item, tuple) else (item, None)
         path = self.root / self.paths[index]
+        label = int(self.labels[index])  # a Python int: batches collate to int64
         try:
             image = load_rgb(path, self.decode_size)
             if seed is None:
-                return self.transform(image), self.labels[index]
+                return self.transform(image), label
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
-                return self.transform(image), self.labels[index]
+                return self.transform(image), label
         except Exception as error:  # re-raised with the file named, never swallowed
             raise RuntimeError(f"{path}: cannot decode or transform image: {error}") from error
 
@@ -430,8 +435,7 @@ def choose_image_size(median_side: float, default_size: int) -> int:
 
 def image_loader(
     root: Path,
-    rows: list[dict[str, str]],
-    class_to_index: dict[str, int],
+    images: Images,
     transform,
     *,
     decode_size: int | None,
@@ -442,18 +446,12 @@ def image_loader(
     world: World | None = None,
     pin_memory: bool = False,
 ) -> torch.utils.data.DataLoader:
-    """Batches of (images (B, 3, S, S), labels (B,)) for index rows; workers seeded and ordered.
-    `decode_size` is the transform's input size S (see ImageDataset); `shuffle`, `generator`
-    and `world` as in `sampling`; `pin_memory` for fast copies to a GPU.
+    """Batches of (images (B, 3, S, S), labels (B,) int64) for `images`, in their order unless
+    shuffled; workers seeded. `decode_size` is the transform's input size S (see ImageDataset);
+    `shuffle`, `generator` and `world` as in `sampling`; `pin_memory` for fast copies to a GPU.
     """
     per_image, batch_normalize = _split_normalization(transform)
-    dataset = ImageDataset(
-        root,
-        [r["path"] for r in rows],
-        [class_to_index[r["label"]] for r in rows],
-        per_image,
-        decode_size,
-    )
+    dataset = ImageDataset(root, images.paths, images.labels, per_image, decode_size)
     loader = torch.utils.data.DataLoader if batch_normalize is None else _NormalizingLoader
     options = {} if batch_normalize is None else {"normalize": batch_normalize}
     return loader(
@@ -625,42 +623,146 @@ def _seed_worker(worker_id: int) -> None:
 
 
 @dataclass(frozen=True)
+class Images:
+    """Indexed images by column, in index order (sorted by path): about 130 bytes plus the
+    path's length an image, where a dict per index row took about 680.
+
+    The index's width and height are not kept: nothing after prepare reads them.
+    """
+
+    paths: list[str]  # relative to the data root, POSIX separators
+    labels: np.ndarray  # (N,) int64 indices into the class list
+    splits: np.ndarray  # (N,) int8 indices into SPLITS
+    sha256: np.ndarray  # (N,) "S64" hex digests of the files' bytes
+
+    def __post_init__(self):
+        lengths = {len(self.paths), len(self.labels), len(self.splits), len(self.sha256)}
+        if len(lengths) > 1:
+            raise ValueError(f"Images columns differ in length: {sorted(lengths)}")
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def subset(self, which) -> Images:
+        """The images where the boolean mask `which` is true, or at the positions `which`, in
+        that order."""
+        which = np.asarray(which)
+        positions = np.flatnonzero(which) if which.dtype == bool else which.astype(np.intp)
+        return Images(
+            [self.paths[i] for i in positions],
+            self.labels[positions],
+            self.splits[positions],
+            self.sha256[positions],
+        )
+
+    def split(self, name: str) -> Images:
+        """The images of one split (train, val or test), in index order."""
+        return self.subset(self.splits == SPLITS.index(name))
+
+
+@dataclass(frozen=True)
 class PreparedData:
-    """What prepare wrote: the class list, the index rows and the data report."""
+    """What prepare wrote: the class list, the indexed images and the data report."""
 
     root: Path
     classes: list[str]
-    rows: list[dict[str, str]]
+    images: Images
     report: dict
 
-    def split(self, name: str) -> list[dict[str, str]]:
-        return [r for r in self.rows if r["split"] == name]
-
-    @property
-    def class_to_index(self) -> dict[str, int]:
-        return {c: i for i, c in enumerate(self.classes)}
+    def split(self, name: str) -> Images:
+        return self.images.split(name)
 
 
 def load_prepared(data_root: Path, prepared_dir: Path) -> PreparedData:
-    from headstart.io import read_csv, read_json
+    from headstart.io import read_json
 
     classes = read_json(prepared_dir / "classes.json")
-    rows = read_csv(prepared_dir / "index.csv")
+    images = read_index(prepared_dir / "index.csv", classes, data_root)
     report = read_json(prepared_dir / "report.json")
-    unknown = sorted({r["label"] for r in rows} - set(classes))
+    return PreparedData(data_root, classes, images, report)
+
+
+def read_index(index_csv: Path, classes: list[str], data_root: Path) -> Images:
+    """index.csv as columns, filled row by row: memory holds the columns, never a row per
+    image. Labels become indices into `classes`.
+
+    Refuses labels not in `classes` and paths that leave `data_root`: a tampered or stale
+    index must not make a stage read files outside data.dir.
+    """
+    class_index = {name: i for i, name in enumerate(classes)}
+    split_index = {name: i for i, name in enumerate(SPLITS)}
+    inside = _InsideRoot(data_root)
+    paths: list[str] = []
+    labels = array.array("q")  # int64, grown in place
+    splits = array.array("b")  # int8
+    digests = bytearray()  # 64 ASCII bytes an image
+    unknown: set[str] = set()
+    with open(index_csv, newline="", encoding="utf-8") as handle:
+        reader = csv.reader(handle)
+        header = next(reader, None)
+        if header != INDEX_HEADER:
+            raise ValueError(
+                f"{index_csv}: header {header} is not {INDEX_HEADER}; rerun prepare (dvc repro)"
+            )
+        for row in reader:
+            if not row:  # a blank line
+                continue
+            digest = row[3].encode() if len(row) == len(INDEX_HEADER) else b""
+            if len(digest) != 64 or row[2] not in split_index:
+                raise ValueError(
+                    f"{index_csv}, line {reader.line_num}: {row} is not {','.join(INDEX_HEADER)} "
+                    f"with a split in {SPLITS} and a 64-digit sha256; rerun prepare (dvc repro)"
+                )
+            path, label, split = row[:3]
+            if not inside(path):
+                raise ValueError(
+                    f"{index_csv}: path {path!r} leaves {inside.root}; rerun prepare (dvc repro)"
+                )
+            if label not in class_index:
+                unknown.add(label)
+            paths.append(path)
+            labels.append(class_index.get(label, -1))
+            splits.append(split_index[split])
+            digests += digest
     if unknown:
         raise ValueError(
-            f"{prepared_dir}/index.csv: labels {unknown} are not in classes.json; "
+            f"{index_csv}: labels {sorted(unknown)} are not in classes.json; "
             "rerun prepare (dvc repro)"
         )
-    root = data_root.resolve()
-    for row in rows:
-        if not (root / row["path"]).resolve().is_relative_to(root):
-            raise ValueError(
-                f"{prepared_dir}/index.csv: path {row['path']!r} leaves {root}; "
-                "rerun prepare (dvc repro)"
-            )
-    return PreparedData(data_root, classes, rows, report)
+    # Views of the buffers just filled, not copies: no second copy of a column at the peak.
+    return Images(
+        paths,
+        np.frombuffer(labels, dtype=np.int64),
+        np.frombuffer(splits, dtype=np.int8),
+        np.frombuffer(digests, dtype="S64"),
+    )
+
+
+class _InsideRoot:
+    """Whether a path relative to root stays inside it once links are followed.
+
+    As `(root / path).resolve().is_relative_to(root)`, but a folder's real path is computed
+    once for a run of paths in that folder (the index is sorted by path), so a file costs one
+    lstat (is it a link?) rather than one per component of its absolute path.
+    """
+
+    def __init__(self, root: Path):
+        self.root = root.resolve()
+        self.prefix = os.path.join(self.root, "")  # with a trailing separator
+        self.folder: str | None = None  # the last folder seen, as written
+        self.real_folder = ""  # and with links followed
+
+    def __call__(self, relative: str) -> bool:
+        folder, name = os.path.split(os.path.join(self.root, relative))
+        if name in ("", ".", ".."):  # not a file name: resolve the whole path
+            real = os.path.realpath(os.path.join(self.root, relative))
+        else:
+            if folder != self.folder:
+                self.folder, self.real_folder = folder, os.path.realpath(folder)
+            real = os.path.join(self.real_folder, name)
+            if os.path.islink(real):
+                real = os.path.realpath(real)
+        return real == str(self.root) or real.startswith(self.prefix)
 
 
 def prepare_index(
@@ -706,9 +808,6 @@ def prepare_index(
         "skipped": [{"path": s.path, "reason": s.reason, "detail": s.detail} for s in skipped],
     }
     return index.classes, rows, report
-
-
-INDEX_HEADER = ["path", "label", "split", "sha256", "width", "height"]
 
 
 def resolve_image_size(image_size: int | str, spec, report: dict) -> int:

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # report does not import data (and torch) at run time
+    from headstart.data import Images
 
 SPLITS = ("train", "val", "test")
 # Environment fields shown, in order (headstart.environment.describe's keys).
@@ -33,11 +36,16 @@ ENVIRONMENT_ROWS = (
 ENVIRONMENT_STAGES = ("extract", "train_head", "finetune", "evaluate")
 
 
-def data_fingerprint(rows: list[dict[str, str]]) -> str:
-    """sha256 over the sorted (image sha256, label, split) triples of the prepared index: the
-    same images with the same labels and splits give the same fingerprint, wherever the folder
-    is and whatever the files are called."""
-    lines = sorted(f"{r['sha256']},{r['label']},{r['split']}" for r in rows)
+def data_fingerprint(images: Images, classes: list[str]) -> str:
+    """sha256 over the sorted "sha256,label,split" lines of the prepared index (label and split
+    by name): the same images with the same labels and splits give the same fingerprint,
+    wherever the folder is and whatever the files are called."""
+    lines = sorted(
+        f"{digest.decode()},{classes[label]},{SPLITS[split]}"
+        for digest, label, split in zip(
+            images.sha256.tolist(), images.labels.tolist(), images.splits.tolist(), strict=True
+        )
+    )
     return hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest()
 
 
