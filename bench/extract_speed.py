@@ -9,6 +9,9 @@ For each input size and precision, side by side in one process:
 - per-image normalise: the same, but the workers convert and normalise each image and send
   float32 (the loader otherwise sends uint8 and normalises whole batches).
 The ratio extract/model says whether decoding is the bottleneck (target: 0.8 or more).
+- decode only: the loader alone (decode, resize, crop, no model), D images/s. Where the loader
+  workers and the model share the same cores, an image costs 1/D + 1/M core-time, so the best
+  ratio extract can reach is D / (D + M): the `ceiling` column.
 Images are generated JPEGs (bench/synthetic.py), 400x300 by default, like photos.
 
     python bench/extract_speed.py                       # 512 images, 224 and 96 px
@@ -48,6 +51,18 @@ def images_per_second(batches, count: int, backbone, precision) -> float:
     return count / elapsed
 
 
+def loader_speed(folder, images, transform, size, batch_size, workers) -> float:
+    """Images/s of the extract stage's loader alone: decoding, resizing, no model."""
+    loader = image_loader(
+        folder, images, transform, decode_size=size, batch_size=batch_size, num_workers=workers
+    )
+    for _ in loader:  # starts the workers and warms the file cache
+        pass
+    start = time.perf_counter()
+    seen = sum(len(labels) for _, labels in loader)
+    return seen / (time.perf_counter() - start)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=512)
@@ -82,7 +97,8 @@ def main() -> None:
     )
     print(
         f"{'size':>5} {'precision':<25} {'model img/s':>12} {'extract img/s':>14} "
-        f"{'full decode':>12} {'per-image norm':>15} {'ratio':>6}"
+        f"{'full decode':>12} {'per-image norm':>15} {'decode only':>12} {'ceiling':>8} "
+        f"{'ratio':>6}"
     )
     results = {}
     for size in args.sizes:
@@ -90,12 +106,13 @@ def main() -> None:
             (torch.randn(min(batch_size, len(images) - i), 3, size, size), torch.zeros(1))
             for i in range(0, len(images), batch_size)
         ]
+        transform = eval_transform(size, spec.mean, spec.std)
+        decode_speed = loader_speed(folder, images, transform, size, batch_size, workers)
         for wanted in args.precisions:
             precision = resolve_precision(wanted, torch.device("cpu"))
             images_per_second(ready[:1], len(ready[0][0]), backbone, precision)  # warm-up
             model_speed = images_per_second(ready, len(images), backbone, precision)
             speeds = []
-            transform = eval_transform(size, spec.mean, spec.std)
             # Wrapped in a Compose of its own, the loader cannot split off the normalisation.
             variants = [(transform, size), (transform, None), (Compose([transform]), size)]
             for variant, decode_size in variants:
@@ -110,11 +127,12 @@ def main() -> None:
                 speeds.append(images_per_second(loader, len(images), backbone, precision))
                 del loader  # stops its workers before the next measurement
             ratio = speeds[0] / model_speed
+            ceiling = decode_speed / (decode_speed + model_speed)
             results[size, wanted] = ratio
             print(
                 f"{size:>5} {wanted + ' = ' + precision_name(precision):<25} "
                 f"{model_speed:>12.1f} {speeds[0]:>14.1f} {speeds[1]:>12.1f} {speeds[2]:>15.1f} "
-                f"{ratio:>6.2f}"
+                f"{decode_speed:>12.1f} {ceiling:>8.2f} {ratio:>6.2f}"
             )
     last = (224, "auto") if (224, "auto") in results else next(iter(results))
     print(f"ratio={results[last]:.2f}")
