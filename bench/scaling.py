@@ -36,7 +36,7 @@ def main() -> None:
     parser.add_argument("--weights", default="none")
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument(
-        "--evaluate-param", default="evaluate.calibrate=true", help="'' to skip that check"
+        "--evaluate-param", default="evaluate.calibrate=false", help="'' to skip that check"
     )
     parser.add_argument("--work", type=Path, help="keep the repositories and images here")
     args = parser.parse_args()
@@ -76,6 +76,7 @@ def main() -> None:
             key, value = args.evaluate_param.split("=")
             changed = sh(repo, "dvc", "exp", "run", "-S", f"{key}={value}")
             reran = ", ".join(sorted(set(re.findall(r"Running stage '([^']+)'", changed))))
+            reran = reran or f"nothing: is {key} already {value} in params.yaml?"
         cells = []
         for stage in ("prepare", "extract", "train_head", "finetune", "evaluate"):
             seconds, peak = costs.get(stage, (None, None))
