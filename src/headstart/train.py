@@ -276,8 +276,8 @@ def tensor_batches(
     generator: torch.Generator | None = None,
 ) -> torch.utils.data.DataLoader:
     """Batches of in-memory tensors (cached features), one indexing per batch where a
-    TensorDataset looks up every row and stacks them: the head's epochs take a fraction of the
-    time. The same batches in the same order, drawing the same numbers from `generator`, as
+    TensorDataset looks up every row and stacks them. The same batches in the same order,
+    drawing the same numbers from `generator`, as
     DataLoader(TensorDataset(inputs, targets), batch_size, shuffle=shuffle, generator=generator).
     """
     rows = _Rows(inputs, targets)
