@@ -489,8 +489,11 @@ class _NormalizingLoader(torch.utils.data.DataLoader):
     """A DataLoader whose dataset gives uint8 images: batches come out as ToTensor + `normalize`
     would have made each image (see _split_normalization)."""
 
-    def __init__(self, *args, normalize: transforms.Normalize, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, *args, normalize: transforms.Normalize, pin_memory: bool, **kwargs):
+        # The uint8 batches are not pinned: only the float batches made from them are copied
+        # to a GPU.
+        super().__init__(*args, pin_memory=False, **kwargs)
+        self.pin_batches = pin_memory
         self.mean = torch.as_tensor(normalize.mean, dtype=torch.float32).view(-1, 1, 1)
         self.std = torch.as_tensor(normalize.std, dtype=torch.float32).view(-1, 1, 1)
 
@@ -498,7 +501,7 @@ class _NormalizingLoader(torch.utils.data.DataLoader):
         for images, labels in super().__iter__():
             # ToTensor: float32 / 255; Normalize: (x - mean) / std, channel by channel.
             pixels = images.to(torch.float32).div_(255).sub_(self.mean).div_(self.std)
-            yield (pixels.pin_memory() if self.pin_memory else pixels), labels
+            yield (pixels.pin_memory() if self.pin_batches else pixels), labels
 
 
 def sampling(
@@ -624,8 +627,9 @@ def _seed_worker(worker_id: int) -> None:
 
 @dataclass(frozen=True)
 class Images:
-    """Indexed images by column, in index order (sorted by path): about 130 bytes plus the
-    path's length an image, where a dict per index row took about 680.
+    """Indexed images by column, in index order (sorted by path): about 170 bytes an image
+    for paths like `class_07/IMG_20240101_000123.jpg`, where a dict per index row took about
+    690 (tests/test_data.py holds it under 250).
 
     The index's width and height are not kept: nothing after prepare reads them.
     """
