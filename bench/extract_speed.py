@@ -12,14 +12,17 @@ The ratio extract/model says whether decoding is the bottleneck (target: 0.8 or 
 - decode only: the loader alone (decode, resize, crop, no model), D images/s. Where the loader
   workers and the model share the same cores, an image costs 1/D + 1/M core-time, so the best
   ratio extract can reach is D / (D + M): the `ceiling` column.
-Images are generated JPEGs (bench/synthetic.py), 400x300 by default, like photos.
+Images are generated JPEGs (bench/synthetic.py), 400x300 by default, like photos, or those of
+an existing ImageFolder (--data).
 
     python bench/extract_speed.py                       # 512 images, 224 and 96 px
     python bench/extract_speed.py --images 1024 --sizes 224 --precisions auto
     python bench/extract_speed.py --photo-size 1600 1200   # camera-sized photos
+    python bench/extract_speed.py --data data/digits --sizes 96   # the built-in digits
 
 Reads compute.batch_size, compute.num_workers and backbone.name from params.yaml. The last
-line is the ratio for the default backbone at 224 px with precision auto.
+line is the ratio for the default backbone at 224 px with precision auto (or else the first
+size and precision measured).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from torchvision.transforms import Compose
 
 from headstart.backbones import BACKBONES, build_backbone
 from headstart.data import Images, eval_transform, image_loader
+from headstart.images import IMAGE_EXTENSIONS
 from headstart.model import precision_name, resolve_precision, set_threads
 from headstart.params import load_params
 from headstart.train import iter_inference
@@ -65,11 +69,16 @@ def loader_speed(folder, images, transform, size, batch_size, workers) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=512)
+    parser.add_argument(
+        "--images", type=int, help="how many (default: 512 generated, or all of --data)"
+    )
     parser.add_argument("--sizes", type=int, nargs="+", default=[224, 96])
     parser.add_argument("--precisions", nargs="+", default=["float32", "auto"])
     parser.add_argument("--photo-size", type=int, nargs=2, default=[400, 300], metavar=("W", "H"))
     parser.add_argument("--folder", type=Path, help="reuse generated images here")
+    parser.add_argument(
+        "--data", type=Path, help="an existing ImageFolder instead of generated photos"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     params = load_params()
@@ -79,9 +88,17 @@ def main() -> None:
     backbone = build_backbone(name, params.backbone.weights)
     batch_size, workers = params.compute.batch_size, params.compute.num_workers
 
-    folder = args.folder or Path(tempfile.mkdtemp(prefix="headstart-bench-"))
-    make_photos(folder, args.images, size=tuple(args.photo_size))
-    paths = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.jpg"))
+    if args.data:
+        folder, kind = args.data, f"images of {args.data}"
+    else:
+        folder = args.folder or Path(tempfile.mkdtemp(prefix="headstart-bench-"))
+        make_photos(folder, args.images or 512, size=tuple(args.photo_size))
+        kind = f"JPEGs {args.photo_size[0]}x{args.photo_size[1]}"
+    paths = sorted(
+        p.relative_to(folder).as_posix()
+        for p in folder.rglob("*")
+        if p.suffix.lower() in IMAGE_EXTENSIONS
+    )
     paths = paths[: args.images]
     classes = sorted({p.split("/")[0] for p in paths})
     images = Images(  # splits and digests are not read here: placeholders of the right type
@@ -91,7 +108,7 @@ def main() -> None:
         np.zeros(len(paths), dtype="S64"),
     )
     print(
-        f"{name}, {len(images)} JPEGs {args.photo_size[0]}x{args.photo_size[1]}, "
+        f"{name}, {len(images)} {kind}, "
         f"batch {batch_size}, {workers} loader workers, "
         f"{torch.get_num_threads()} torch threads"
     )

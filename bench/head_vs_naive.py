@@ -9,12 +9,18 @@ and the ratios; the last line is the full-pipeline ratio.
 Then what a head-only experiment costs through DVC, the way users run it: in a throw-away git +
 DVC copy of this project (same params.yaml), `dvc repro train_head` once, then the timed
 `dvc exp run -S head.lr=... train_head` (features reused; DVC's and Python's start-up
-included; the head trains with the committed head params, early stopping included).
+included), twice: with the committed head params (up to head.epochs, early stopping), and with
+the epochs both sides above train (`-S head.epochs=25 -S head.patience=25`), like for like.
 
     python bench/head_vs_naive.py                      # built-in digits, 25 epochs
+    python bench/head_vs_naive.py --photos 3000        # 3,000 generated 400x300 JPEGs
     python bench/head_vs_naive.py --data data/raw --prepared data/prepared --epochs 25 --no-dvc
 
-Needs a prepared index (run `dvc repro prepare` first). The DVC part runs on the built-in digits.
+With --data, needs a prepared index of it (run `dvc repro prepare` first); the DVC part then
+runs on the built-in digits. With --photos, everything (both sides and the DVC part) runs on
+the generated photos in the throw-away repository. The DVC part costs a fixed few seconds
+(DVC, Python and torch start-up) while the usual loop grows with images x epochs, so its ratio
+grows with the dataset: --photos shows it at a size where it is reached.
 """
 
 from __future__ import annotations
@@ -52,10 +58,21 @@ def main() -> None:
     parser.add_argument("--prepared", type=Path, default=Path("data/prepared"))
     parser.add_argument("--epochs", type=int, default=25)
     parser.add_argument(
+        "--photos",
+        type=int,
+        help="run on this many generated photos in a throw-away git + DVC repository",
+    )
+    parser.add_argument(
         "--no-dvc", action="store_true", help="skip the head-only `dvc exp run` measurement"
     )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    repo = None
+    if args.photos:
+        root = Path(tempfile.mkdtemp(prefix="headstart-head-vs-naive-"))
+        repo = make_repo(root, {"data.dir": "data/photos"}, photos=args.photos)
+        sh(repo, "dvc", "repro", "prepare")
+        args.data, args.prepared = repo / "data" / "photos", repo / "data" / "prepared"
     params = load_params()
     prepared = load_prepared(args.data, args.prepared)
     spec = BACKBONES[params.backbone.name]
@@ -173,26 +190,45 @@ def main() -> None:
     print(f"accuracy_difference={cached_accuracy - naive_accuracy:+.4f}")
     print(f"head_only_ratio={naive_s / head_s:.1f}  (the head's training alone)")
     if not args.no_dvc:
-        exp_s, stage_s = head_experiment_seconds(head.lr)
-        print(
-            f"dvc exp run -S head.lr=... train_head: {exp_s:.1f} s, of which train_head's own "
-            f"work {stage_s:.1f} s (the rest: DVC, Python and torch start-up)"
-        )
-        print(f"head_only_dvc_ratio={naive_s / exp_s:.1f}")
+        runs = head_experiment_seconds(head.lr, args.epochs, repo)
+        for (label, exp_s, stage_s), key in zip(runs, ("committed", "same_epochs"), strict=True):
+            print(
+                f"dvc exp run -S head.lr=... train_head, {label}: {exp_s:.1f} s, of which "
+                f"train_head's own work {stage_s:.1f} s (the rest: DVC, Python and torch start-up)"
+            )
+            print(f"head_only_dvc_ratio_{key}={naive_s / exp_s:.1f}")
     print(f"ratio={naive_s / cached_s:.1f}")
 
 
-def head_experiment_seconds(lr: float) -> tuple[float, float]:
-    """(wall seconds of `dvc exp run -S head.lr=<another lr> train_head` after a first
-    `dvc repro train_head`, train_head's own seconds in it)."""
-    repo = make_repo(Path(tempfile.mkdtemp(prefix="headstart-head-exp-")), {})
+def head_experiment_seconds(
+    lr: float, epochs: int, repo: Path | None
+) -> list[tuple[str, float, float]]:
+    """A head-only experiment through DVC after a first `dvc repro train_head`, in `repo` or
+    else in a new repository of the built-in digits, twice: `dvc exp run -S head.lr=<another
+    lr> train_head` with the committed head params (up to head.epochs, early stopping), and the
+    same with `epochs` and no early stop, as both sides above train. [(what, wall seconds,
+    train_head's own seconds)] for the two."""
+    if repo is None:
+        repo = make_repo(Path(tempfile.mkdtemp(prefix="headstart-head-exp-")), {})
     sh(repo, "dvc", "repro", "train_head")
-    start = time.perf_counter()
-    output = sh(repo, "dvc", "exp", "run", "-S", f"head.lr={lr * 3:g}", "train_head")
-    seconds = time.perf_counter() - start
-    costs = stage_costs(output)
-    assert set(costs) == {"train_head"}, f"expected only train_head to run:\n{output}"
-    return seconds, costs["train_head"][0]
+    variants = [
+        ("committed head params", []),
+        (
+            f"{epochs} epochs, no early stop",
+            ["-S", f"head.epochs={epochs}", "-S", f"head.patience={epochs}"],
+        ),
+    ]
+    results = []
+    for number, (label, extra) in enumerate(variants, start=2):
+        start = time.perf_counter()
+        output = sh(
+            repo, "dvc", "exp", "run", "-S", f"head.lr={lr * number:g}", *extra, "train_head"
+        )
+        seconds = time.perf_counter() - start
+        costs = stage_costs(output)
+        assert set(costs) == {"train_head"}, f"expected only train_head to run:\n{output}"
+        results.append((label, seconds, costs["train_head"][0]))
+    return results
 
 
 if __name__ == "__main__":
