@@ -19,10 +19,11 @@ an existing ImageFolder (--data).
     python bench/extract_speed.py --images 1024 --sizes 224 --precisions auto
     python bench/extract_speed.py --photo-size 1600 1200   # camera-sized photos
     python bench/extract_speed.py --data data/digits --sizes 96   # the built-in digits
+    python bench/extract_speed.py --workers 0 2         # decoding in the main process or not
 
-Reads compute.batch_size, compute.num_workers and backbone.name from params.yaml. The last
-line is the ratio for the default backbone at 224 px with precision auto (or else the first
-size and precision measured).
+Reads compute.batch_size, compute.num_workers (unless --workers) and backbone.name from
+params.yaml. The last line is the ratio for the default backbone at 224 px (or else the first
+size) with precision auto and the first --workers.
 """
 
 from __future__ import annotations
@@ -79,6 +80,9 @@ def main() -> None:
     parser.add_argument(
         "--data", type=Path, help="an existing ImageFolder instead of generated photos"
     )
+    parser.add_argument(
+        "--workers", type=int, nargs="+", help="loader processes to try (default: params')"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     params = load_params()
@@ -86,7 +90,8 @@ def main() -> None:
     name = params.backbone.name
     spec = BACKBONES[name]
     backbone = build_backbone(name, params.backbone.weights)
-    batch_size, workers = params.compute.batch_size, params.compute.num_workers
+    batch_size = params.compute.batch_size
+    args.workers = args.workers or [params.compute.num_workers]
 
     if args.data:
         folder, kind = args.data, f"images of {args.data}"
@@ -108,12 +113,10 @@ def main() -> None:
         np.zeros(len(paths), dtype="S64"),
     )
     print(
-        f"{name}, {len(images)} {kind}, "
-        f"batch {batch_size}, {workers} loader workers, "
-        f"{torch.get_num_threads()} torch threads"
+        f"{name}, {len(images)} {kind}, batch {batch_size}, {torch.get_num_threads()} torch threads"
     )
     print(
-        f"{'size':>5} {'precision':<25} {'model img/s':>12} {'extract img/s':>14} "
+        f"{'size':>5} {'precision':<25} {'workers':>7} {'model img/s':>12} {'extract img/s':>14} "
         f"{'full decode':>12} {'per-image norm':>15} {'decode only':>12} {'ceiling':>8} "
         f"{'ratio':>6}"
     )
@@ -124,34 +127,39 @@ def main() -> None:
             for i in range(0, len(images), batch_size)
         ]
         transform = eval_transform(size, spec.mean, spec.std)
-        decode_speed = loader_speed(folder, images, transform, size, batch_size, workers)
+        model_speeds = {}
         for wanted in args.precisions:
             precision = resolve_precision(wanted, torch.device("cpu"))
             images_per_second(ready[:1], len(ready[0][0]), backbone, precision)  # warm-up
-            model_speed = images_per_second(ready, len(images), backbone, precision)
-            speeds = []
-            # Wrapped in a Compose of its own, the loader cannot split off the normalisation.
-            variants = [(transform, size), (transform, None), (Compose([transform]), size)]
-            for variant, decode_size in variants:
-                loader = image_loader(
-                    folder,
-                    images,
-                    variant,
-                    decode_size=decode_size,
-                    batch_size=batch_size,
-                    num_workers=workers,
+            model_speeds[wanted] = images_per_second(ready, len(images), backbone, precision)
+        for workers in args.workers:
+            decode_speed = loader_speed(folder, images, transform, size, batch_size, workers)
+            for wanted, model_speed in model_speeds.items():
+                precision = resolve_precision(wanted, torch.device("cpu"))
+                speeds = []
+                # Wrapped in a Compose of its own, the loader cannot split off the normalisation.
+                variants = [(transform, size), (transform, None), (Compose([transform]), size)]
+                for variant, decode_size in variants:
+                    loader = image_loader(
+                        folder,
+                        images,
+                        variant,
+                        decode_size=decode_size,
+                        batch_size=batch_size,
+                        num_workers=workers,
+                    )
+                    speeds.append(images_per_second(loader, len(images), backbone, precision))
+                    del loader  # stops its workers before the next measurement
+                ratio = speeds[0] / model_speed
+                ceiling = decode_speed / (decode_speed + model_speed)
+                results[size, wanted, workers] = ratio
+                print(
+                    f"{size:>5} {wanted + ' = ' + precision_name(precision):<25} {workers:>7} "
+                    f"{model_speed:>12.1f} {speeds[0]:>14.1f} {speeds[1]:>12.1f} "
+                    f"{speeds[2]:>15.1f} {decode_speed:>12.1f} {ceiling:>8.2f} {ratio:>6.2f}"
                 )
-                speeds.append(images_per_second(loader, len(images), backbone, precision))
-                del loader  # stops its workers before the next measurement
-            ratio = speeds[0] / model_speed
-            ceiling = decode_speed / (decode_speed + model_speed)
-            results[size, wanted] = ratio
-            print(
-                f"{size:>5} {wanted + ' = ' + precision_name(precision):<25} "
-                f"{model_speed:>12.1f} {speeds[0]:>14.1f} {speeds[1]:>12.1f} {speeds[2]:>15.1f} "
-                f"{decode_speed:>12.1f} {ceiling:>8.2f} {ratio:>6.2f}"
-            )
-    last = (224, "auto") if (224, "auto") in results else next(iter(results))
+    preferred = [(size, "auto", args.workers[0]) for size in (224, *args.sizes)]
+    last = next((key for key in preferred if key in results), next(iter(results)))
     print(f"ratio={results[last]:.2f}")
 
 
