@@ -13,14 +13,14 @@ included), twice: with the committed head params (up to head.epochs, early stopp
 the epochs both sides above train (`-S head.epochs=25 -S head.patience=25`), like for like.
 
     python bench/head_vs_naive.py                      # built-in digits, 25 epochs
-    python bench/head_vs_naive.py --photos 3000        # 3,000 generated 400x300 JPEGs
+    python bench/head_vs_naive.py --photos 4000        # 4,000 generated 400x300 JPEGs
     python bench/head_vs_naive.py --data data/raw --prepared data/prepared --epochs 25 --no-dvc
 
 With --data, needs a prepared index of it (run `dvc repro prepare` first); the DVC part then
 runs on the built-in digits. With --photos, everything (both sides and the DVC part) runs on
 the generated photos in the throw-away repository. The DVC part costs a fixed few seconds
 (DVC, Python and torch start-up) while the usual loop grows with images x epochs, so its ratio
-grows with the dataset: --photos shows it at a size where it is reached.
+grows with the dataset: --photos measures it at a size of your choice.
 """
 
 from __future__ import annotations
