@@ -14,6 +14,9 @@ The ratio extract/model says whether decoding is the bottleneck (target: 0.8 or 
   ratio extract can reach is D / (D + M): the `ceiling` column.
 Images are generated JPEGs (bench/synthetic.py), 400x300 by default, like photos, or those of
 an existing ImageFolder (--data).
+Every figure is the median over --rounds (default 3) rounds, each of which runs every
+measurement once in turn: the machine's speed drifts over minutes, and it then moves the model
+and the loaders alike instead of the ratio.
 
     python bench/extract_speed.py                       # 512 images, 224 and 96 px
     python bench/extract_speed.py --images 1024 --sizes 224 --precisions auto
@@ -61,8 +64,6 @@ def loader_speed(folder, images, transform, size, batch_size, workers) -> float:
     loader = image_loader(
         folder, images, transform, decode_size=size, batch_size=batch_size, num_workers=workers
     )
-    for _ in loader:  # starts the workers and warms the file cache
-        pass
     start = time.perf_counter()
     seen = sum(len(labels) for _, labels in loader)
     return seen / (time.perf_counter() - start)
@@ -82,6 +83,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--workers", type=int, nargs="+", help="loader processes to try (default: params')"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="alternating measurements; medians are shown"
     )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -127,36 +131,49 @@ def main() -> None:
             for i in range(0, len(images), batch_size)
         ]
         transform = eval_transform(size, spec.mean, spec.std)
-        model_speeds = {}
+        # Wrapped in a Compose of its own, the loader cannot split off the normalisation.
+        variants = {
+            "extract": (transform, size),
+            "full decode": (transform, None),
+            "per-image norm": (Compose([transform]), size),
+        }
+        loader_speed(folder, images, transform, size, batch_size, 0)  # warms the file cache
         for wanted in args.precisions:
             precision = resolve_precision(wanted, torch.device("cpu"))
             images_per_second(ready[:1], len(ready[0][0]), backbone, precision)  # warm-up
-            model_speeds[wanted] = images_per_second(ready, len(images), backbone, precision)
-        for workers in args.workers:
-            decode_speed = loader_speed(folder, images, transform, size, batch_size, workers)
-            for wanted, model_speed in model_speeds.items():
-                precision = resolve_precision(wanted, torch.device("cpu"))
-                speeds = []
-                # Wrapped in a Compose of its own, the loader cannot split off the normalisation.
-                variants = [(transform, size), (transform, None), (Compose([transform]), size)]
-                for variant, decode_size in variants:
-                    loader = image_loader(
-                        folder,
-                        images,
-                        variant,
-                        decode_size=decode_size,
-                        batch_size=batch_size,
-                        num_workers=workers,
+            for workers in args.workers:
+                # Rounds alternate every measurement, and each figure is the median over the
+                # rounds: the machine's speed drifts over minutes, and a model measured
+                # minutes before the loaders made the ratio swing by 0.1 and more.
+                runs = {name: [] for name in ("model", *variants, "decode only")}
+                for _ in range(args.rounds):
+                    runs["model"].append(images_per_second(ready, len(images), backbone, precision))
+                    for name, (variant, decode_size) in variants.items():
+                        loader = image_loader(
+                            folder,
+                            images,
+                            variant,
+                            decode_size=decode_size,
+                            batch_size=batch_size,
+                            num_workers=workers,
+                        )
+                        runs[name].append(
+                            images_per_second(loader, len(images), backbone, precision)
+                        )
+                        del loader  # stops its workers before the next measurement
+                    runs["decode only"].append(
+                        loader_speed(folder, images, transform, size, batch_size, workers)
                     )
-                    speeds.append(images_per_second(loader, len(images), backbone, precision))
-                    del loader  # stops its workers before the next measurement
-                ratio = speeds[0] / model_speed
-                ceiling = decode_speed / (decode_speed + model_speed)
+                speed = {name: float(np.median(values)) for name, values in runs.items()}
+                ratio = speed["extract"] / speed["model"]
+                ceiling = speed["decode only"] / (speed["decode only"] + speed["model"])
                 results[size, wanted, workers] = ratio
                 print(
                     f"{size:>5} {wanted + ' = ' + precision_name(precision):<25} {workers:>7} "
-                    f"{model_speed:>12.1f} {speeds[0]:>14.1f} {speeds[1]:>12.1f} "
-                    f"{speeds[2]:>15.1f} {decode_speed:>12.1f} {ceiling:>8.2f} {ratio:>6.2f}"
+                    f"{speed['model']:>12.1f} {speed['extract']:>14.1f} "
+                    f"{speed['full decode']:>12.1f} {speed['per-image norm']:>15.1f} "
+                    f"{speed['decode only']:>12.1f} {ceiling:>8.2f} {ratio:>6.2f}",
+                    flush=True,
                 )
     preferred = [(size, "auto", args.workers[0]) for size in (224, *args.sizes)]
     last = next((key for key in preferred if key in results), next(iter(results)))

@@ -38,7 +38,14 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from headstart.backbones import BACKBONES, build_backbone
-from headstart.data import eval_transform, image_loader, load_prepared, resolve_image_size
+from headstart.data import (
+    SPLITS,
+    Images,
+    eval_transform,
+    image_loader,
+    load_prepared,
+    resolve_image_size,
+)
 from headstart.model import (
     Classifier,
     precision_name,
@@ -92,10 +99,10 @@ def main() -> None:
         "device": device,
     }
 
-    def images(split: str) -> DataLoader:
+    def images(which: Images) -> DataLoader:
         return image_loader(
             args.data,
-            prepared.split(split),
+            which,
             transform,
             decode_size=size,
             batch_size=params.compute.batch_size,
@@ -112,11 +119,15 @@ def main() -> None:
         f"{args.epochs} epochs, {torch.get_num_threads()} threads, {precision_name(precision)}"
     )
 
-    # Cached: extract once, then train the head on feature vectors.
+    # Cached: extract once (in one pass over the splits, as the extract stage does), then
+    # train the head on feature vectors.
     start = time.perf_counter()
+    ordered, counts = prepared.images.in_split_order()
+    x, y = run_inference(backbone, images(ordered), device, desc="extract", precision=precision)
+    bounds = np.cumsum([0, *counts])
     features = {
-        s: run_inference(backbone, images(s), device, desc=f"extract {s}", precision=precision)
-        for s in ("train", "val", "test")
+        s: (x[low:high], y[low:high])
+        for s, low, high in zip(SPLITS, bounds[:-1], bounds[1:], strict=True)
     }
     extract_s = time.perf_counter() - start
 
@@ -168,7 +179,7 @@ def main() -> None:
     fit(
         model,
         train,
-        images("val"),
+        images(prepared.split("val")),
         groups,
         train_mode=lambda m: train_mode(m, frozen, "frozen"),
         desc="usual loop",
@@ -176,7 +187,7 @@ def main() -> None:
         **fit_options,
     )
     logits, labels = run_inference(
-        model, images("test"), device, desc="usual test", precision=precision
+        model, images(prepared.split("test")), device, desc="usual test", precision=precision
     )
     naive_s = time.perf_counter() - start
     naive_accuracy = float((logits.argmax(1) == labels).mean())

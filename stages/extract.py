@@ -15,6 +15,7 @@ import collections
 import contextlib
 import logging
 import math
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -58,46 +59,38 @@ def main(argv: list[str] | None = None) -> int | None:
             device,
             precision_name(precision),
         )
+        # One pass over all the splits: one set of loader processes to start and one pipeline
+        # to fill and drain. A loader per split made the digits' extraction about a fifth
+        # slower (4.9-5.8 s against 4.0-4.8 s, alternating, four runs each).
+        images, counts = prepared.images.in_split_order()
+        loader = image_loader(
+            args.data_dir,
+            images,
+            transform,
+            decode_size=size,
+            batch_size=params.compute.batch_size,
+            num_workers=params.compute.num_workers,
+            world=world,
+            pin_memory=device.type == "cuda",
+        )
+        batches = distributed.gather_in_order(
+            iter_inference(
+                backbone,
+                loader,
+                device,
+                desc="extract",
+                batch_size_key="compute.batch_size",
+                precision=precision,
+            ),
+            world,
+            num_batches=math.ceil(len(images) / params.compute.batch_size),
+        )
         # Only rank 0 writes; with several processes the others send it their batches.
         with atomic_dir(args.features_dir) if world.is_main else contextlib.nullcontext() as out:
-            for split in SPLITS:
-                loader = image_loader(
-                    args.data_dir,
-                    prepared.split(split),
-                    transform,
-                    decode_size=size,
-                    batch_size=params.compute.batch_size,
-                    num_workers=params.compute.num_workers,
-                    world=world,
-                    pin_memory=device.type == "cuda",
-                )
-                rows = len(loader.dataset)
-                batches = distributed.gather_in_order(
-                    iter_inference(
-                        backbone,
-                        loader,
-                        device,
-                        desc=f"extract {split}",
-                        batch_size_key="compute.batch_size",
-                        precision=precision,
-                    ),
-                    world,
-                    num_batches=math.ceil(rows / params.compute.batch_size),
-                )
-                if not world.is_main:
-                    collections.deque(batches, maxlen=0)  # run and send this rank's share
-                    continue
-                # Streamed to disk batch by batch: memory does not grow with the number of images.
-                with (
-                    ArrayWriter(
-                        out / f"{split}_features.npy", (rows, backbone.num_features), np.float32
-                    ) as features,
-                    ArrayWriter(out / f"{split}_labels.npy", (rows,), np.int64) as labels,
-                ):
-                    for batch_features, batch_labels in batches:
-                        features.write(batch_features)
-                        labels.write(batch_labels)
-            if world.is_main:
+            if not world.is_main:
+                collections.deque(batches, maxlen=0)  # run and send this rank's share
+            else:
+                write_by_split(batches, out, counts, backbone.num_features)
                 write_json(
                     out / "meta.json",
                     {
@@ -111,6 +104,34 @@ def main(argv: list[str] | None = None) -> int | None:
                     },
                 )
     return None
+
+
+def write_by_split(
+    batches: Iterable[tuple[np.ndarray, np.ndarray]], out: Path, counts: list[int], width: int
+) -> None:
+    """Stream (features, labels) batches of the images in split order (Images.in_split_order)
+    to each split's files, a batch that straddles two splits cut at the boundary. Memory stays
+    one batch, however many images."""
+    bounds = np.cumsum([0, *counts])
+    with contextlib.ExitStack() as files:
+        writers = [
+            (
+                files.enter_context(
+                    ArrayWriter(out / f"{split}_features.npy", (count, width), np.float32)
+                ),
+                files.enter_context(ArrayWriter(out / f"{split}_labels.npy", (count,), np.int64)),
+            )
+            for split, count in zip(SPLITS, counts, strict=True)
+        ]
+        first = 0  # the row of the batch's first image among all the images
+        for batch_features, batch_labels in batches:
+            last = first + len(batch_labels)
+            for (features, labels), low, high in zip(writers, bounds[:-1], bounds[1:], strict=True):
+                start, stop = max(low, first) - first, min(high, last) - first
+                if start < stop:
+                    features.write(batch_features[start:stop])
+                    labels.write(batch_labels[start:stop])
+            first = last
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ gradients; the single process takes the mean over the whole batch).
 from __future__ import annotations
 
 import copy as copy_module
+import re
 import shutil
 import signal
 import subprocess
@@ -214,7 +215,8 @@ def test_sigterm_stops_every_process_and_records_nothing(single, tmp_path, write
         stage = subprocess.Popen(command, cwd=two, stdout=output, stderr=output)
     try:
         deadline = time.monotonic() + 120
-        while "extract train" not in log.read_text() and stage.poll() is None:
+        # The progress bar ("extract:   0%|..."), not the log line "extract: extracting ...".
+        while not re.search(r"extract: +\d+%", log.read_text()) and stage.poll() is None:
             assert time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.05)
         processes = psutil.Process(stage.pid).children(recursive=True)

@@ -155,6 +155,44 @@ def test_extract_outputs(pipeline):
         assert y.tolist() == [meta["classes"].index(r["label"]) for r in split_rows]
 
 
+def test_extract_writes_each_split_from_one_pass(tmp_path):
+    """extract runs over all the images in split order (Images.in_split_order) and cuts the
+    batches at the split boundaries: every row lands in its split's files, in order, whether a
+    batch spans two splits, all three, or a split is empty."""
+    from headstart.data import Images
+
+    splits = np.array([2, 0, 1, 0, 2, 0, 0, 2, 1, 0, 2], dtype=np.int8)
+    images = Images(
+        [f"c/{i}.png" for i in range(len(splits))],
+        np.arange(len(splits), dtype=np.int64),
+        splits,
+        np.zeros(len(splits), dtype="S64"),
+    )
+    ordered, counts = images.in_split_order()
+    assert counts == [5, 2, 4]
+    assert ordered.paths == [f"c/{i}.png" for i in (1, 3, 5, 6, 9, 2, 8, 0, 4, 7, 10)]
+    assert ordered.splits.tolist() == [0] * 5 + [1] * 2 + [2] * 4
+
+    write_by_split = load_stage("extract").write_by_split
+    for counts, sizes in (([5, 2, 4], [3, 3, 3, 2]), ([1, 0, 3], [4]), ([0, 2, 0], [1, 1])):
+        out = tmp_path / f"{counts}-{sizes}"
+        out.mkdir()
+        rows = np.arange(sum(counts))
+        batches, first = [], 0
+        for size in sizes:  # features: the row number in each of 3 columns; labels: -row
+            part = rows[first : first + size]
+            batches.append((np.repeat(part[:, None], 3, axis=1).astype(np.float32), -part))
+            first += size
+        write_by_split(iter(batches), out, counts, width=3)
+        bounds = np.cumsum([0, *counts])
+        for split, low, high in zip(SPLITS, bounds[:-1], bounds[1:], strict=True):
+            features = np.load(out / f"{split}_features.npy")
+            labels = np.load(out / f"{split}_labels.npy")
+            assert features.shape == (high - low, 3) and features.dtype == np.float32
+            assert features[:, 0].tolist() == list(range(low, high)), (counts, sizes, split)
+            assert labels.tolist() == [-r for r in range(low, high)], (counts, sizes, split)
+
+
 def test_model_outputs_load(pipeline):
     head, head_meta = load_head(pipeline / "models/head.pt")
     assert head_meta["classes"] == ["bird", "cat", "dog"]
