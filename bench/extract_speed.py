@@ -9,7 +9,8 @@ For each input size and precision, side by side in one process:
 - per-image normalise: the same, but the workers convert and normalise each image and send
   float32 (the loader otherwise sends uint8 and normalises whole batches).
 The ratio extract/model says whether decoding is the bottleneck (target: 0.8 or more).
-- decode only: the loader alone (decode, resize, crop, no model), D images/s. Where the loader
+- decode only: the loader alone (decode, resize, crop, no model; starting its processes
+  included, as in extract), D images/s. Where the loader
   workers and the model share the same cores, an image costs 1/D + 1/M core-time, so the best
   ratio extract can reach is D / (D + M): the `ceiling` column.
 Images are generated JPEGs (bench/synthetic.py), 400x300 by default, like photos, or those of
