@@ -10,9 +10,9 @@ For each input size and precision, side by side in one process:
   float32 (the loader otherwise sends uint8 and normalises whole batches).
 The ratio extract/model says whether decoding is the bottleneck (target: 0.8 or more).
 - decode only: the loader alone (decode, resize, crop, no model; starting its processes
-  included, as in extract), D images/s. Where the loader
-  workers and the model share the same cores, an image costs 1/D + 1/M core-time, so the best
-  ratio extract can reach is D / (D + M): the `ceiling` column.
+  included, as in extract), D images/s. Where the loader workers and the model share the same
+  cores, an image costs 1/D + 1/M core-time, so the best ratio extract can reach is
+  D / (D + M): the `ceiling` column.
 Images are generated JPEGs (bench/synthetic.py), 400x300 by default, like photos, or those of
 an existing ImageFolder (--data).
 Every figure is the median over --rounds (default 3) rounds, each of which runs every
