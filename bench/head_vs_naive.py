@@ -122,13 +122,9 @@ def main() -> None:
     # Cached: extract once (in one pass over the splits, as the extract stage does), then
     # train the head on feature vectors.
     start = time.perf_counter()
-    ordered, counts = prepared.images.in_split_order()
+    ordered, parts = prepared.images.in_split_order()
     x, y = run_inference(backbone, images(ordered), device, desc="extract", precision=precision)
-    bounds = np.cumsum([0, *counts])
-    features = {
-        s: (x[low:high], y[low:high])
-        for s, low, high in zip(SPLITS, bounds[:-1], bounds[1:], strict=True)
-    }
+    features = {s: (x[part], y[part]) for s, part in zip(SPLITS, parts, strict=True)}
     extract_s = time.perf_counter() - start
 
     def tensors(split: str, shuffle: bool) -> DataLoader:

@@ -168,8 +168,8 @@ def test_extract_writes_each_split_from_one_pass(tmp_path):
         splits,
         np.zeros(len(splits), dtype="S64"),
     )
-    ordered, counts = images.in_split_order()
-    assert counts == [5, 2, 4]
+    ordered, parts = images.in_split_order()
+    assert parts == [slice(0, 5), slice(5, 7), slice(7, 11)]
     assert ordered.paths == [f"c/{i}.png" for i in (1, 3, 5, 6, 9, 2, 8, 0, 4, 7, 10)]
     assert ordered.splits.tolist() == [0] * 5 + [1] * 2 + [2] * 4
 
@@ -183,9 +183,11 @@ def test_extract_writes_each_split_from_one_pass(tmp_path):
             part = rows[first : first + size]
             batches.append((np.repeat(part[:, None], 3, axis=1).astype(np.float32), -part))
             first += size
-        write_by_split(iter(batches), out, counts, width=3)
-        bounds = np.cumsum([0, *counts])
-        for split, low, high in zip(SPLITS, bounds[:-1], bounds[1:], strict=True):
+        ends = np.cumsum(counts).tolist()
+        parts = [slice(a, b) for a, b in zip([0, *ends], ends, strict=False)]
+        write_by_split(iter(batches), out, parts, width=3)
+        for split, part in zip(SPLITS, parts, strict=True):
+            low, high = part.start, part.stop
             features = np.load(out / f"{split}_features.npy")
             labels = np.load(out / f"{split}_labels.npy")
             assert features.shape == (high - low, 3) and features.dtype == np.float32

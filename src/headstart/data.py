@@ -663,12 +663,13 @@ class Images:
         """The images of one split (train, val or test), in index order."""
         return self.subset(self.splits == SPLITS.index(name))
 
-    def in_split_order(self) -> tuple[Images, list[int]]:
-        """(every image, train first, then val, then test, each split in index order; the
-        number in each split): extract runs over them in one pass, with one set of loader
-        processes instead of one per split."""
+    def in_split_order(self) -> tuple[Images, list[slice]]:
+        """(every image, train first, then val, then test, each split in index order; each
+        split's rows among them, in SPLITS order): extract runs over them in one pass, with one
+        set of loader processes instead of one per split."""
         order = np.argsort(self.splits, kind="stable")
-        return self.subset(order), np.bincount(self.splits, minlength=len(SPLITS)).tolist()
+        ends = np.cumsum(np.bincount(self.splits, minlength=len(SPLITS))).tolist()
+        return self.subset(order), [slice(a, b) for a, b in zip([0, *ends], ends, strict=False)]
 
 
 @dataclass(frozen=True)
