@@ -5,7 +5,7 @@ BIN := $(CURDIR)/$(VENV)/bin
 # Stage commands in dvc.yaml call `python`: put the environment first on PATH.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: repro test lint env clean-env reproduce-check
+.PHONY: repro test test-fast lint env clean-env reproduce-check
 
 repro: $(VENV)/.installed
 	dvc repro
@@ -13,6 +13,10 @@ repro: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	python -m pytest
+
+# Everything but the real-dvc end-to-end and the multi-process tests: for the edit-test loop.
+test-fast: $(VENV)/.installed
+	python -m pytest -m "not e2e and not multiprocess" --durations=5
 
 lint: $(VENV)/.installed
 	ruff check src stages tests bench tools

@@ -24,8 +24,9 @@ import torch
 from torch import nn
 
 from headstart.backbones import build_backbone
-from headstart.model import Classifier, cpu_has_native_bf16, set_threads, set_trainable
+from headstart.model import Classifier, set_trainable
 from headstart.params import load_params
+from headstart.runtime import cpu_has_native_bf16, set_threads
 
 
 def _timed(step, batches: int, warmup: int) -> tuple[float, float]:

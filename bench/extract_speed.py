@@ -25,7 +25,7 @@ and the loaders alike instead of the ratio.
     python bench/extract_speed.py --data data/digits --sizes 96   # the built-in digits
     python bench/extract_speed.py --workers 0 2         # decoding in the main process or not
 
-Reads compute.batch_size, compute.num_workers (unless --workers) and backbone.name from
+Reads inference.batch_size, compute.num_workers (unless --workers) and backbone.name from
 params.yaml. The last line is the ratio for the default backbone at 224 px (or else the first
 size) with precision auto and the first --workers.
 """
@@ -44,11 +44,13 @@ from synthetic import make_photos
 from torchvision.transforms import Compose
 
 from headstart.backbones import BACKBONES, build_backbone
-from headstart.data import Images, eval_transform, image_loader
 from headstart.images import IMAGE_EXTENSIONS
-from headstart.model import precision_name, resolve_precision, set_threads
+from headstart.index import Images
+from headstart.inference import iter_inference
+from headstart.loaders import image_loader
 from headstart.params import load_params
-from headstart.train import iter_inference
+from headstart.runtime import precision_name, resolve_precision, set_threads
+from headstart.transforms import eval_transform
 
 
 def images_per_second(batches, count: int, backbone, precision) -> float:
@@ -95,7 +97,7 @@ def main() -> None:
     name = params.backbone.name
     spec = BACKBONES[name]
     backbone = build_backbone(name, params.backbone.weights)
-    batch_size = params.compute.batch_size
+    batch_size = params.inference.batch_size
     args.workers = args.workers or [params.compute.num_workers]
 
     if args.data:

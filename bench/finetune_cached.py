@@ -32,21 +32,15 @@ from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
 from headstart.backbones import build_backbone
-from headstart.data import eval_transform, image_loader, load_prepared, sampling
+from headstart.index import load_prepared
+from headstart.inference import cache_activations, run_inference
 from headstart.io import load_checkpoint
-from headstart.model import (
-    Classifier,
-    param_groups,
-    precision_name,
-    resolve_precision,
-    seed_everything,
-    set_threads,
-    set_trainable,
-    split_at_cut,
-    train_mode,
-)
+from headstart.loaders import image_loader, sampling
+from headstart.model import Classifier, param_groups, set_trainable, split_at_cut, train_mode
 from headstart.params import load_params
-from headstart.train import cache_activations, fit, run_inference
+from headstart.runtime import precision_name, resolve_precision, seed_everything, set_threads
+from headstart.train import fit
+from headstart.transforms import eval_transform
 
 
 def main() -> None:

@@ -69,6 +69,7 @@ def run_pipeline(folder: Path) -> dict:
     if params["compute"]["device"].startswith("cuda"):
         torch.zeros(1, device=params["compute"]["device"])  # CUDA start-up, before any timing
     pipeline = yaml.safe_load(Path("dvc.yaml").read_text())["stages"]
+    sys.path.append(str(PROJECT / "stages"))  # as `python stages/<name>.py` has it: _bootstrap
     seconds = {}
     for name in STAGES:
         # "python stages/extract.py ${data.dir} data/prepared ..." -> the script and its argv

@@ -38,25 +38,15 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from headstart.backbones import BACKBONES, build_backbone
-from headstart.data import (
-    SPLITS,
-    Images,
-    eval_transform,
-    image_loader,
-    load_prepared,
-    resolve_image_size,
-)
-from headstart.model import (
-    Classifier,
-    precision_name,
-    resolve_precision,
-    seed_everything,
-    set_threads,
-    set_trainable,
-    train_mode,
-)
+from headstart.folders import SPLITS
+from headstart.index import Images, load_prepared
+from headstart.inference import run_inference
+from headstart.loaders import image_loader, tensor_batches
+from headstart.model import Classifier, set_trainable, train_mode
 from headstart.params import load_params
-from headstart.train import fit, run_inference, tensor_batches
+from headstart.runtime import precision_name, resolve_precision, seed_everything, set_threads
+from headstart.train import fit
+from headstart.transforms import eval_transform, resolve_image_size
 
 
 def main() -> None:
@@ -105,7 +95,7 @@ def main() -> None:
             which,
             transform,
             decode_size=size,
-            batch_size=params.compute.batch_size,
+            batch_size=params.inference.batch_size,
             num_workers=params.compute.num_workers,
         )
 

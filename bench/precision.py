@@ -28,10 +28,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from headstart.backbones import BACKBONES, build_backbone
-from headstart.data import eval_transform, image_loader, load_prepared, resolve_image_size
-from headstart.model import seed_everything, set_threads
+from headstart.index import load_prepared
+from headstart.inference import run_inference
+from headstart.loaders import image_loader, tensor_batches
 from headstart.params import load_params
-from headstart.train import fit, run_inference, tensor_batches
+from headstart.runtime import seed_everything, set_threads
+from headstart.train import fit
+from headstart.transforms import eval_transform, resolve_image_size
 
 
 def stratified_split(labels: np.ndarray, seed: int) -> dict[str, np.ndarray]:
@@ -98,7 +101,7 @@ def main() -> None:
         prepared.images,
         eval_transform(size, spec.mean, spec.std),
         decode_size=size,
-        batch_size=params.compute.batch_size,
+        batch_size=params.inference.batch_size,
         num_workers=params.compute.num_workers,
     )
     features, seconds = {}, {}

@@ -10,6 +10,8 @@ import argparse
 import logging
 from pathlib import Path
 
+import _bootstrap  # noqa: F401  (first: a clear message outside the environment)
+
 from headstart.builtin import write_digits
 from headstart.io import atomic_dir
 from headstart.stage import run

@@ -12,7 +12,10 @@ import argparse
 import logging
 from pathlib import Path
 
+import _bootstrap  # noqa: F401  (first: a clear message outside the environment)
+
 from headstart.calibration import read_temperature
+from headstart.errors import UsageError
 from headstart.export import export_torchscript
 from headstart.io import write_bytes, write_json
 from headstart.stage import run
@@ -27,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     sidecar = args.export.with_suffix(".json")
     if sidecar == args.export:
-        raise ValueError(f"{args.export}: needs a suffix other than .json (the sidecar's)")
+        raise UsageError(f"{args.export}: needs a suffix other than .json (the sidecar's)")
 
     temperature = read_temperature(args.calibration, args.finetuned_model)
     data, description = export_torchscript(args.finetuned_model, temperature)

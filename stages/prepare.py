@@ -11,13 +11,14 @@ import argparse
 import logging
 from pathlib import Path
 
-from headstart.data import INDEX_HEADER, SKIP_REASONS, SPLITS, prepare_index
+import _bootstrap  # noqa: F401  (first: a clear message outside the environment)
+
+from headstart.index import INDEX_HEADER, prepare_index, summary
 from headstart.io import write_csv, write_json
 from headstart.params import load_params
 from headstart.stage import run
 
 log = logging.getLogger("headstart.prepare")
-MAX_ROWS = 30  # classes listed in the summary; report.json has them all
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -43,34 +44,7 @@ def main(argv: list[str] | None = None) -> None:
             "skipped": report["num_skipped"],
         },
     )
-    _summary(report)
-
-
-def _summary(report: dict) -> None:
-    width = min(max(len(c) for c in report["counts"]), 40) + 2
-    lines = [f"{'class':<{width}}" + "".join(f"{s:>8}" for s in SPLITS)]
-    shown = list(report["counts"].items())
-    for label, counts in shown[:MAX_ROWS]:
-        lines.append(f"{label:<{width}}" + "".join(f"{counts[s]:>8}" for s in SPLITS))
-    if len(shown) > MAX_ROWS:
-        lines.append(f"... {len(shown) - MAX_ROWS} more classes (see report.json)")
-    lines.append(f"{'total':<{width}}" + "".join(f"{report['splits'][s]:>8}" for s in SPLITS))
-    log.info(
-        "%d images in %d classes:\n%s",
-        report["num_images"],
-        report["num_classes"],
-        "\n".join(lines),
-    )
-    if report["multi_frame"] or report["exif_errors"]:
-        log.info(
-            "%d animated file(s) used at frame 0; %d with unreadable EXIF orientation",
-            report["multi_frame"],
-            report["exif_errors"],
-        )
-    if report["num_skipped"]:
-        for reason, count in report["skipped_by_reason"].items():
-            log.warning("skipped %d file(s): %s (%s)", count, reason, SKIP_REASONS[reason])
-        log.warning("every skipped file, with its reason, is listed in report.json")
+    summary(report)
 
 
 if __name__ == "__main__":

@@ -93,11 +93,11 @@ def valid_params() -> dict:
         "compute": {
             "device": "cpu",
             "num_workers": 0,
-            "batch_size": 16,
             "precision": "auto",
             "threads": "auto",
             "nproc": 1,
         },
+        "inference": {"batch_size": 16},
         "head": {
             "kind": "linear",
             "lr": 1.0e-2,

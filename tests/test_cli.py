@@ -17,10 +17,11 @@ import torch
 
 from headstart.backbones import build_backbone
 from headstart.cli import main
-from headstart.data import ImageDataset, eval_transform
+from headstart.inference import run_inference
 from headstart.io import read_json, save_checkpoint
+from headstart.loaders import ImageDataset
 from headstart.model import Classifier, load_classifier
-from headstart.train import run_inference
+from headstart.transforms import eval_transform
 
 CLASSES = ["bird", "cat", "dog"]
 IMAGE_SIZE = 32
@@ -181,6 +182,38 @@ def test_usage_errors_exit_2(checkpoint, image_folder, tmp_path, capsys):
     assert code == 2
 
 
+def test_device_this_machine_lacks_is_one_line_and_exit_2(checkpoint, image_folder):
+    """`--device cuda` where no GPU is visible: the installed command prints one line naming
+    the option and the fix, exits 2 (a usage error), and prints no traceback."""
+    image = next(p for p in sorted(image_folder.rglob("*")) if p.is_file())
+    script = Path(sys.executable).parent / "headstart"
+    result = subprocess.run(
+        [str(script), "predict", str(checkpoint), str(image), "--device", "cuda"],
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},  # no GPU, even on a machine with one
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "--device" in lines[0] and "CUDA is not available" in lines[0], lines[0]
+
+
+def test_a_bug_keeps_its_traceback(checkpoint, image_folder, monkeypatch):
+    """Only HeadstartError is a user's problem: any other exception propagates with its
+    traceback instead of being printed as if the input were wrong."""
+    import headstart.prediction
+
+    def broken(*args, **kwargs):
+        raise ValueError("a bug, not a bad input")
+
+    monkeypatch.setattr(headstart.prediction, "predict_files", broken)
+    with pytest.raises(ValueError, match="a bug"):
+        main(["predict", str(checkpoint), str(image_folder)])
+
+
 def test_info_json(checkpoint, capsys):
     code, out, _ = run_cli(capsys, "info", checkpoint, "--format", "json")
     assert code == 0
@@ -259,7 +292,7 @@ def test_console_script_help():
         [str(script), "--help"], capture_output=True, text=True, timeout=60, check=False
     )
     assert result.returncode == 0, result.stderr
-    assert all(command in result.stdout for command in ("predict", "info", "export"))
+    assert all(command in result.stdout for command in ("predict", "info", "export", "params"))
 
 
 def _probabilities_by_class(out: str) -> np.ndarray:

@@ -12,15 +12,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from headstart import data
+from headstart import folders, loaders, transforms
 from headstart.builtin import write_digits
-from headstart.data import (
-    assign_splits,
-    choose_image_size,
-    index_image_folder,
-    load_rgb,
-    prepare_index,
-)
+from headstart.folders import index_image_folder
+from headstart.images import load_rgb
+from headstart.index import Images, prepare_index
+from headstart.splits import assign_splits
+from headstart.transforms import choose_image_size
 
 SEED = 42
 
@@ -34,10 +32,10 @@ def _images_on_disk(root: Path) -> set[str]:
     return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
 
 
-def _images(samples) -> data.Images:
+def _images(samples) -> Images:
     """Indexed samples as the loaders take them (all in train; labels by sorted class name)."""
     classes = sorted({s.label for s in samples})
-    return data.Images(
+    return Images(
         [s.path for s in samples],
         np.array([classes.index(s.label) for s in samples], dtype=np.int64),
         np.zeros(len(samples), dtype=np.int8),
@@ -227,7 +225,7 @@ def test_split_ignores_listing_order(image_folder, monkeypatch):
         with real_scandir(path) as entries:
             return _Listing(sorted(entries, key=lambda e: e.name, reverse=True))
 
-    monkeypatch.setattr(data.os, "scandir", reversed_scandir)
+    monkeypatch.setattr(folders.os, "scandir", reversed_scandir)
     classes, rows, report = prepare_index(image_folder, 0.15, 0.15, SEED)
     assert calls, "the patched listing was not used"
     assert classes == expected_classes
@@ -351,7 +349,7 @@ def test_write_digits(tmp_path):
 
 def test_index_entries_must_stay_inside_data_dir(tmp_path, image_folder):
     """A tampered or stale index.csv cannot make a stage read files outside data.dir."""
-    from headstart.data import INDEX_HEADER, load_prepared
+    from headstart.index import INDEX_HEADER, load_prepared
     from headstart.io import write_csv, write_json
 
     classes, rows, report = prepare_index(image_folder, 0.15, 0.15, SEED)
@@ -381,7 +379,8 @@ def test_index_entries_must_stay_inside_data_dir(tmp_path, image_folder):
 def test_load_prepared_reads_the_index_by_column(tmp_path, image_folder):
     """The columns hold the index's rows in order: paths, class indices, split indices and
     digests; a wrong header, an unknown label or a malformed row is refused with the fix."""
-    from headstart.data import INDEX_HEADER, SPLITS, load_prepared
+    from headstart.folders import SPLITS
+    from headstart.index import INDEX_HEADER, load_prepared
     from headstart.io import write_csv, write_json
 
     classes, rows, report = prepare_index(image_folder, 0.15, 0.15, SEED)
@@ -420,9 +419,9 @@ def test_batch_order_depends_on_the_generator_alone(image_folder):
     import torch
     from torch.utils.data import DataLoader, TensorDataset
 
-    images = _images(data.index_image_folder(image_folder).samples)
-    transform = data.eval_transform(8, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-    files = data.image_loader(
+    images = _images(folders.index_image_folder(image_folder).samples)
+    transform = transforms.eval_transform(8, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    files = loaders.image_loader(
         image_folder,
         images,
         transform,
@@ -435,7 +434,7 @@ def test_batch_order_depends_on_the_generator_alone(image_folder):
     # Tensors that carry each sample's position, so the order can be compared.
     positions = TensorDataset(torch.arange(len(images)), torch.arange(len(images)))
     tensors = DataLoader(
-        positions, **data.sampling(positions, 5, True, torch.Generator().manual_seed(3))
+        positions, **loaders.sampling(positions, 5, True, torch.Generator().manual_seed(3))
     )
     torch.manual_seed(0)
     expected_global = torch.rand(1)
@@ -458,11 +457,11 @@ def test_augmentation_does_not_depend_on_the_loader_workers(image_folder):
     0 or 2 worker processes."""
     import torch
 
-    images = _images(data.index_image_folder(image_folder).samples)
-    transform = data.train_transform(16, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "light")
+    images = _images(folders.index_image_folder(image_folder).samples)
+    transform = transforms.train_transform(16, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "light")
 
     def epochs(num_workers: int) -> list[torch.Tensor]:
-        loader = data.image_loader(
+        loader = loaders.image_loader(
             image_folder,
             images,
             transform,
@@ -477,7 +476,7 @@ def test_augmentation_does_not_depend_on_the_loader_workers(image_folder):
     in_process, workers = epochs(0), epochs(2)
     assert all(torch.equal(a, b) for a, b in zip(in_process, workers, strict=True))
     # The seed decides the draw: the same seed, the same image; another seed, another one.
-    dataset = data.ImageDataset(image_folder, images.paths[:1], images.labels[:1], transform)
+    dataset = loaders.ImageDataset(image_folder, images.paths[:1], images.labels[:1], transform)
     assert type(dataset[0][1]) is int
     assert torch.equal(dataset[(0, 1)][0], dataset[(0, 1)][0])
     assert not torch.equal(dataset[(0, 1)][0], dataset[(0, 2)][0])
@@ -490,12 +489,12 @@ def test_loader_normalises_whole_batches_bit_for_bit(image_folder):
     workers."""
     import torch
 
-    images = _images(data.index_image_folder(image_folder).samples)
-    transform = data.eval_transform(24, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-    dataset = data.ImageDataset(image_folder, images.paths, images.labels, transform)
+    images = _images(folders.index_image_folder(image_folder).samples)
+    transform = transforms.eval_transform(24, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    dataset = loaders.ImageDataset(image_folder, images.paths, images.labels, transform)
     expected = torch.stack([dataset[i][0] for i in range(len(dataset))])
     for workers in (0, 2):
-        loader = data.image_loader(
+        loader = loaders.image_loader(
             image_folder,
             images,
             transform,
@@ -507,8 +506,8 @@ def test_loader_normalises_whole_batches_bit_for_bit(image_folder):
         pixels = torch.cat([batch for batch, _ in loader])
         assert pixels.dtype == torch.float32
         assert torch.equal(pixels, expected)
-    augmenting = data.train_transform(24, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "light")
-    loader = data.image_loader(
+    augmenting = transforms.train_transform(24, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "light")
+    loader = loaders.image_loader(
         image_folder, images, augmenting, decode_size=None, batch_size=7, num_workers=0
     )
     assert loader.dataset.transform is augmenting
@@ -521,7 +520,8 @@ def test_prepared_index_memory_per_image_is_small(tmp_path):
     import hashlib
     import tracemalloc
 
-    from headstart.data import INDEX_HEADER, SPLITS, load_prepared
+    from headstart.folders import SPLITS
+    from headstart.index import INDEX_HEADER, load_prepared
     from headstart.io import write_csv, write_json
 
     num_images, num_classes = 20_000, 10

@@ -21,10 +21,12 @@ import pytest
 import torch
 from test_stages import PROJECT, STAGE_ARGV, load_stage, run_stages
 
-from headstart.data import DealtBatches, WholeBatches, sampling
 from headstart.distributed import World
 from headstart.io import load_checkpoint
+from headstart.loaders import DealtBatches, WholeBatches, sampling
 from headstart.params import ParamsError
+
+pytestmark = pytest.mark.multiprocess
 
 
 @pytest.mark.parametrize("size", [2, 3])
@@ -178,7 +180,8 @@ def _initial(work) -> dict[str, torch.Tensor]:
     """The weights fine-tuning starts from: the backbone as built (weights: none is seeded
     random init, the same every time) plus the trained head."""
     from headstart.backbones import build_backbone
-    from headstart.model import Classifier, seed_everything
+    from headstart.model import Classifier
+    from headstart.runtime import seed_everything
 
     head_state, head_meta = load_checkpoint(work / "models/head.pt")
     seed_everything(0)
@@ -206,7 +209,7 @@ def test_sigterm_stops_every_process_and_records_nothing(single, tmp_path, write
     processes: the stage exits 143, no process is left, no features are written."""
     two, params = _two_processes(single, tmp_path, write_params)
     params["backbone"]["image_size"] = 320  # slow enough to be stopped midway
-    params["compute"]["batch_size"] = 1
+    params["inference"]["batch_size"] = 1
     write_params(two, params)
     shutil.rmtree(two / "data/features")
     log = tmp_path / "extract.log"

@@ -99,7 +99,7 @@ FAST = {
     "backbone.weights": "none",
     "backbone.image_size": 32,
     "compute.num_workers": 0,
-    "compute.batch_size": 16,
+    "inference.batch_size": 16,
     "head.epochs": 5,
     "finetune.epochs": 2,
     "finetune.unfreeze": 1,

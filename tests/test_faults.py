@@ -1,6 +1,5 @@
 """Faults while writing and training: a killed writer, a full disk, a batch too large for memory.
 
-TESTPLAN rows 31 (SIGKILL during a checkpoint write), 36 (out of memory) and 37 (disk full).
 The writers are the real ones in headstart.io on real files; a full disk is simulated by making
 the lowest-level write put half of its bytes on disk and then fail with ENOSPC, as a real one
 does. Out of memory is simulated by a forward pass that raises what torch raises.
@@ -27,6 +26,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from headstart import stage
 from headstart.backbones import Backbone
+from headstart.errors import DataError, OutOfMemory
+from headstart.inference import run_inference
 from headstart.io import (
     DiskFullError,
     atomic_dir,
@@ -39,7 +40,7 @@ from headstart.io import (
     write_json,
 )
 from headstart.model import Classifier
-from headstart.train import OutOfMemory, fit, run_inference
+from headstart.train import fit
 
 CPU = torch.device("cpu")
 CUDA_OOM = "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 8 GiB"
@@ -67,6 +68,9 @@ def _assert_same_state(path: Path, expected: dict[str, torch.Tensor]) -> None:
         assert torch.equal(state[key], value), key
 
 
+PROJECT = Path(__file__).resolve().parents[1]
+
+
 @pytest.fixture
 def stage_run(caplog):
     """stage.run(main, argv) -> (exit code, ERROR messages); restores the SIGTERM handler."""
@@ -83,7 +87,7 @@ def stage_run(caplog):
     signal.signal(signal.SIGTERM, previous)
 
 
-# --- Row 31: a writer killed with SIGKILL -------------------------------------------------------
+# --- a writer killed with SIGKILL -------------------------------------------------------
 
 # Writes through atomic_path forever, 1 MiB at a time; says "writing" once bytes are on disk.
 _ENDLESS_WRITER = textwrap.dedent(
@@ -172,7 +176,7 @@ def test_atomic_path_removes_a_planted_orphan_before_writing(tmp_path):
     assert read_json(path) == {"accuracy": 0.75}
 
 
-# --- Row 37: disk full --------------------------------------------------------------------------
+# --- disk full --------------------------------------------------------------------------
 
 
 def _disk_full_after_half(data: bytes, handle) -> None:
@@ -309,7 +313,40 @@ def test_stage_run_reports_any_disk_full_oserror_and_lets_other_oserrors_through
         stage_run(permission_denied, [])
 
 
-# --- Row 36: out of memory ----------------------------------------------------------------------
+def test_stage_run_prints_user_errors_in_one_line_and_keeps_a_bugs_traceback(stage_run):
+    def bad_input(argv):
+        raise DataError("data/raw: expected one sub-folder per class; add class folders")
+
+    code, errors = stage_run(bad_input, [])
+    assert (code, errors) == (1, ["data/raw: expected one sub-folder per class; add class folders"])
+
+    def bug(argv):
+        raise ValueError("operands could not be broadcast together")  # numpy's, not a user's
+
+    with pytest.raises(ValueError, match="broadcast"):
+        stage_run(bug, [])
+
+
+def test_a_stage_outside_the_environment_says_how_to_enter_it(tmp_path):
+    """`dvc repro` with the system python (the environment not activated): one line that says
+    what to do, exit 1, no traceback, nothing written."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run(  # -S: no site-packages, so headstart is not importable
+        [sys.executable, "-S", str(PROJECT / "stages" / "prepare.py"), "raw", "out", "m.json"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "source .venv/bin/activate" in lines[0] and "make repro" in lines[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- out of memory ----------------------------------------------------------------------
 
 
 def _batches(count: int = 24, batch_size: int = 8) -> DataLoader:
@@ -376,11 +413,11 @@ def test_out_of_memory_in_validation_names_the_same_key(monkeypatch):
 
 def test_run_inference_out_of_memory_names_the_key_and_without_one_lists_them(monkeypatch):
     monkeypatch.setattr(nn.Linear, "forward", _raising(RuntimeError(CPU_OOM)))
-    with pytest.raises(OutOfMemory, match="lower compute.batch_size in params.yaml"):
-        run_inference(nn.Linear(4, 3), _batches(), CPU, batch_size_key="compute.batch_size")
+    with pytest.raises(OutOfMemory, match="lower inference.batch_size in params.yaml"):
+        run_inference(nn.Linear(4, 3), _batches(), CPU, batch_size_key="inference.batch_size")
     with pytest.raises(OutOfMemory) as raised:
         run_inference(nn.Linear(4, 3), _batches(), CPU)
-    for key in ("head.batch_size", "finetune.batch_size", "compute.batch_size"):
+    for key in ("head.batch_size", "finetune.batch_size", "inference.batch_size"):
         assert key in str(raised.value)
 
 
@@ -438,7 +475,7 @@ def test_extract_out_of_memory_exits_1_and_writes_no_features(head_trained, monk
     code, errors = stage_run(load_stage("extract").main, ["images", "data/prepared", "again"])
     assert code == 1
     assert len(errors) == 1 and "\n" not in errors[0], errors
-    assert "out of memory" in errors[0] and "compute.batch_size" in errors[0]
+    assert "out of memory" in errors[0] and "inference.batch_size" in errors[0]
     assert not (head_trained / "again").exists()
     assert list(head_trained.glob(".again.*")) == []
     # The features of the earlier run are untouched.

@@ -1,5 +1,5 @@
 """Walking an image folder: links, Unicode and case, stray files, pre-split layouts, and every
-file on disk either indexed or skipped with a reason (TESTPLAN rows 4-8, 16-19, 21)."""
+file on disk either indexed or skipped with a reason."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from headstart import data
-from headstart.data import SKIP_REASONS, index_image_folder, prepare_index
+from headstart import folders
+from headstart.folders import SKIP_REASONS, index_image_folder
 from headstart.images import load_rgb
+from headstart.index import INDEX_HEADER, prepare_index
 from headstart.io import read_csv, write_csv
 
 SEED = 42
@@ -66,7 +67,7 @@ def _files_on_disk(root: Path) -> set[str]:
 
 
 # --------------------------------------------------------------------------------------------
-# Symbolic links (row 16)
+# Symbolic links
 
 
 @pytest.mark.parametrize(
@@ -170,7 +171,7 @@ def test_top_level_link_never_displaces_the_real_files(tmp_path, folder, alias, 
     os.symlink(target, root / alias, target_is_directory=True)
 
     index = index_image_folder(root)
-    # Real files first, whatever the link is called (data.py: "a link to an indexed file is a
+    # Real files first, whatever the link is called (folders.py: "a link to an indexed file is a
     # duplicate, not a sample"): each file is a sample once, at its own path, in its own class.
     labels = {s.path: s.label for s in index.samples}
     assert labels == {f"{label}/{i}.png": label for label in ("cat", "dog") for i in range(3)}
@@ -181,7 +182,7 @@ def test_top_level_link_never_displaces_the_real_files(tmp_path, folder, alias, 
 
 
 # --------------------------------------------------------------------------------------------
-# Unicode and case (rows 17, 18)
+# Unicode and case
 
 
 def test_nfc_and_nfd_spellings_of_one_class_are_refused(tmp_path, folder):
@@ -227,7 +228,7 @@ def test_nfc_and_nfd_spellings_in_different_splits_are_one_class(tmp_path, folde
 
 
 # --------------------------------------------------------------------------------------------
-# Stray files, too few classes or images, missing folder (rows 4-8)
+# Stray files, too few classes or images, missing folder
 
 
 def test_files_in_the_root_are_skipped(tmp_path, folder, make_image):
@@ -294,7 +295,7 @@ def test_hidden_folders_are_not_classes(tmp_path, folder, make_image):
 
 
 # --------------------------------------------------------------------------------------------
-# Every file accounted for, in any listing order (rows 1-8, 13, 16, 19, 21)
+# Every file accounted for, in any listing order
 
 
 # The messy folder's 32x32 "huge" image is above this limit; its other images (at most 16x16)
@@ -467,7 +468,7 @@ def test_output_is_byte_identical_in_any_listing_order(
             return _Listing(entries[::-1])
         return _Listing(sorted(entries, key=lambda e: e.name, reverse=True))
 
-    monkeypatch.setattr(data.os, "scandir", scandir)
+    monkeypatch.setattr(folders.os, "scandir", scandir)
     assert output() == expected
     assert len(listed) > 3, "the patched listing was not used"
 
@@ -552,7 +553,7 @@ def test_pre_split_class_missing_from_a_split_is_named(tmp_path, folder):
 
 
 # --------------------------------------------------------------------------------------------
-# Awkward class names reach index.csv intact (row 29)
+# Awkward class names reach index.csv intact
 
 
 def test_class_names_with_newline_or_formula_survive_the_index_csv(tmp_path, folder):
@@ -562,9 +563,9 @@ def test_class_names_with_newline_or_formula_survive_the_index_csv(tmp_path, fol
     assert classes == sorted(names)
 
     index_csv = tmp_path / "index.csv"
-    write_csv(index_csv, data.INDEX_HEADER, rows)
+    write_csv(index_csv, INDEX_HEADER, rows)
     read_back = read_csv(index_csv)
-    assert [[row[key] for key in data.INDEX_HEADER] for row in read_back] == rows
+    assert [[row[key] for key in INDEX_HEADER] for row in read_back] == rows
 
 
 def test_case_variants_in_different_split_folders_are_refused(tmp_path, folder):

@@ -1,4 +1,4 @@
-"""Decoding any image file to correct RGB, or refusing it with a reason (TESTPLAN rows 9-15).
+"""Decoding any image file to correct RGB, or refusing it with a reason.
 
 Every file is a few pixels made here with numpy/PIL; the expected pixels are chosen so that the
 usual Pillow shortcuts (`convert("RGB")`, `LOAD_TRUNCATED_IMAGES`, ignoring EXIF) give a
@@ -18,8 +18,11 @@ import torch
 from PIL import Image, ImageFile
 
 from headstart import images
-from headstart.data import Images, eval_transform, image_loader, index_image_folder
+from headstart.folders import index_image_folder
 from headstart.images import UnusableImage, decode_image, load_rgb, to_rgb
+from headstart.index import Images
+from headstart.loaders import image_loader
+from headstart.transforms import eval_transform
 
 WHITE = (255, 255, 255)
 RED = (255, 0, 0)
@@ -66,7 +69,7 @@ def _palette(*colours: tuple[int, int, int]) -> list[int]:
 
 
 # --------------------------------------------------------------------------------------------
-# Modes (row 9)
+# Modes
 
 
 def _mode_L():
@@ -161,7 +164,7 @@ def test_transparent_pixels_do_not_keep_their_hidden_colour_in_to_rgb():
 
 
 # --------------------------------------------------------------------------------------------
-# 16-bit and 32-bit integer greys (row 10)
+# 16-bit and 32-bit integer greys
 
 
 def test_16_bit_png_is_scaled_not_clipped(tmp_path):
@@ -205,7 +208,7 @@ def test_float_image_in_unit_range_is_scaled_to_8_bits():
 
 
 # --------------------------------------------------------------------------------------------
-# EXIF orientation (rows 11, 12)
+# EXIF orientation
 
 
 def _portrait_stored_as_landscape(path: Path) -> Path:
@@ -258,7 +261,7 @@ def test_broken_exif_keeps_the_image_as_stored_and_warns(tmp_path, monkeypatch, 
 
 
 # --------------------------------------------------------------------------------------------
-# Decompression bombs (row 13)
+# Decompression bombs
 
 
 def test_bilevel_png_writer_makes_a_real_image(tmp_path):
@@ -314,7 +317,7 @@ def test_at_the_pixel_limit_decodes_and_the_warning_filter_does_not_leak(tmp_pat
 
 
 # --------------------------------------------------------------------------------------------
-# Animated, misnamed, truncated and unreadable files (rows 1, 2, 14, 15)
+# Animated, misnamed, truncated and unreadable files
 
 
 def test_animated_gif_uses_frame_0(tmp_path):
@@ -371,7 +374,7 @@ def test_unreadable_file_is_refused_as_unreadable(tmp_path, name, content):
 
 
 # --------------------------------------------------------------------------------------------
-# Loading in DataLoader workers (row 38)
+# Loading in DataLoader workers
 
 
 @pytest.mark.parametrize("damage", ["overwritten", "deleted"])

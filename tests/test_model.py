@@ -12,6 +12,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from headstart.backbones import build_backbone, load_state_dict_file
+from headstart.heads import fit_logreg
+from headstart.inference import cache_activations, run_inference
 from headstart.io import (
     ArrayWriter,
     atomic_path,
@@ -23,17 +25,15 @@ from headstart.io import (
 )
 from headstart.model import (
     Classifier,
-    cpu_has_native_bf16,
     load_classifier,
     load_head,
     param_groups,
-    resolve_precision,
-    set_threads,
     set_trainable,
     split_at_cut,
     train_mode,
 )
-from headstart.train import cache_activations, fit, fit_logreg, run_inference
+from headstart.runtime import cpu_has_native_bf16, resolve_precision, set_threads
+from headstart.train import fit
 
 BACKBONE_NAMES = ["efficientnet_lite0", "resnet18", "mobilenet_v3_small", "convnext_tiny"]
 # Families with BatchNorm (ConvNeXt uses LayerNorm).
@@ -639,7 +639,7 @@ def test_tensor_batches_are_the_tensor_dataset_loaders_batches():
     the same with either."""
     from torch.utils.data import DataLoader, TensorDataset
 
-    from headstart.train import tensor_batches
+    from headstart.loaders import tensor_batches
 
     x, y = torch.randn(103, 5), torch.arange(103)
     for shuffle in (True, False):

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
+import typing
 from pathlib import Path
 
 import pytest
 import yaml
 
 from headstart.backbones import BACKBONES
-from headstart.params import Params, ParamsError, load_params, parse_params
+from headstart.heads import HEADS
+from headstart.params import Params, ParamsError, load_params, params_reference, parse_params
+from headstart.transforms import AUGMENTATIONS
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -96,7 +101,7 @@ def test_wrong_type_names_the_key(params_dict, key, value):
         ("finetune.bn", "sometimes"),
         ("finetune.augment", "heavy"),
         ("compute.device", "tpu"),
-        ("compute.batch_size", 0),
+        ("inference.batch_size", 0),
         ("compute.precision", "half"),
         ("compute.threads", 0),
         ("compute.threads", "many"),
@@ -220,3 +225,58 @@ def test_unfreeze_beyond_the_backbone_fails_before_any_work(params_dict):
         ParamsError, match=r"finetune.unfreeze: 5 is more blocks than resnet18 has \(4\)"
     ):
         parse_params(params_dict)
+
+
+def test_a_renamed_key_names_the_new_one(params_dict):
+    params_dict["compute"]["batch_size"] = params_dict.pop("inference")["batch_size"]
+    with pytest.raises(ParamsError, match=r"compute\.batch_size is now inference\.batch_size"):
+        parse_params(params_dict)
+
+
+def test_the_new_key_missing_names_the_old_one(params_dict):
+    del params_dict["inference"]["batch_size"]
+    with pytest.raises(ParamsError, match=r"missing key inference\.batch_size \(it was compute"):
+        parse_params(params_dict)
+
+
+def _documented_keys(markdown: str) -> set[str]:
+    """The keys in the reference's tables (`section.key` in a row's first cell), not counting
+    the table of renamed keys at the end."""
+    tables = markdown.partition("## Renamed keys")[0]
+    return set(re.findall(r"^\| `([a-z_]+\.[a-z_]+)` \|", tables, flags=re.MULTILINE))
+
+
+def test_docs_params_md_is_the_generated_reference():
+    """docs/params.md is `headstart params` verbatim: regenerate it when a field doc changes
+    (headstart params > docs/params.md)."""
+    committed = (PROJECT / "docs" / "params.md").read_text(encoding="utf-8")
+    assert committed == params_reference(), "run: headstart params > docs/params.md"
+
+
+def test_the_reference_lists_exactly_the_keys_the_dataclasses_accept():
+    accepted = {
+        f"{section.name}.{key.name}"
+        for section in dataclasses.fields(Params)
+        for key in dataclasses.fields(typing.get_type_hints(Params)[section.name])
+    }
+    assert _documented_keys(params_reference()) == accepted
+    shipped = yaml.safe_load((PROJECT / "params.yaml").read_text(encoding="utf-8"))
+    assert {f"{s}.{k}" for s, keys in shipped.items() for k in keys} == accepted
+    # Every key has a sentence of its own, not an empty cell.
+    for section in dataclasses.fields(Params):
+        for key in dataclasses.fields(typing.get_type_hints(Params)[section.name]):
+            assert len(key.metadata["doc"]) > 10, f"{section.name}.{key.name}"
+
+
+@pytest.mark.parametrize(
+    ("key", "registry"), [("head.kind", HEADS), ("finetune.augment", AUGMENTATIONS)]
+)
+def test_registry_keys_accept_every_entry_and_nothing_else(params_dict, key, registry):
+    section, name = key.split(".")
+    for entry in registry:
+        params_dict[section][name] = entry
+        assert getattr(getattr(parse_params(params_dict), section), name) == entry
+    params_dict[section][name] = "no_such_entry"
+    with pytest.raises(ParamsError, match=re.escape(key)):
+        parse_params(params_dict)
+    assert all(entry in params_reference() for entry in registry)

@@ -7,7 +7,8 @@ import hashlib
 import numpy as np
 import pytest
 
-from headstart.data import SPLITS, Images
+from headstart.folders import SPLITS
+from headstart.index import Images
 from headstart.metrics import classification_report, confusion_counts, most_confused
 from headstart.report import data_fingerprint, render_model_card, wilson_interval
 

@@ -12,6 +12,7 @@ import importlib.metadata
 import importlib.util
 import json
 import platform
+import sys
 from collections import Counter
 from pathlib import Path
 from types import ModuleType
@@ -28,6 +29,8 @@ SPLITS = ("train", "val", "test")
 
 def load_stage(name: str) -> ModuleType:
     path = PROJECT / "stages" / f"{name}.py"
+    if str(path.parent) not in sys.path:  # as `python stages/<name>.py` has it: for _bootstrap
+        sys.path.append(str(path.parent))
     spec = importlib.util.spec_from_file_location(f"headstart_stage_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -159,7 +162,7 @@ def test_extract_writes_each_split_from_one_pass(tmp_path):
     """extract runs over all the images in split order (Images.in_split_order) and cuts the
     batches at the split boundaries: every row lands in its split's files, in order, whether a
     batch spans two splits, all three, or a split is empty."""
-    from headstart.data import Images
+    from headstart.index import Images
 
     splits = np.array([2, 0, 1, 0, 2, 0, 0, 2, 1, 0, 2], dtype=np.int8)
     images = Images(
@@ -173,7 +176,8 @@ def test_extract_writes_each_split_from_one_pass(tmp_path):
     assert ordered.paths == [f"c/{i}.png" for i in (1, 3, 5, 6, 9, 2, 8, 0, 4, 7, 10)]
     assert ordered.splits.tolist() == [0] * 5 + [1] * 2 + [2] * 4
 
-    write_by_split = load_stage("extract").write_by_split
+    from headstart.extraction import write_by_split
+
     for counts, sizes in (([5, 2, 4], [3, 3, 3, 2]), ([1, 0, 3], [4]), ([0, 2, 0], [1, 1])):
         out = tmp_path / f"{counts}-{sizes}"
         out.mkdir()
@@ -318,7 +322,7 @@ def test_extract_is_byte_identical_across_runs(
 
 
 def test_class_list_changed_after_extract_is_refused(pipeline, tmp_path, monkeypatch, make_image):
-    """TESTPLAN row 22: a new class folder after features and head were made must not be
+    """A new class folder after features and head were made must not be
     trained or scored with the stale head: finetune and evaluate stop naming the mismatch."""
     import shutil
 
@@ -410,8 +414,8 @@ def test_evaluate_rerun_is_byte_identical(pipeline, tmp_path):
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
 def test_export_stage_applies_the_calibration(pipeline):
     """The exported probabilities are the fine-tuned model's, at the fitted temperature."""
-    from headstart.data import eval_transform
     from headstart.images import decode_image
+    from headstart.transforms import eval_transform
 
     calibration = _read_json(pipeline / "models/finetuned.calibration.json")
     sidecar = _read_json(pipeline / "models/finetuned.torchscript.json")

@@ -16,7 +16,6 @@ Weights (`backbone.weights`):
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -27,6 +26,9 @@ from urllib.parse import urlparse
 
 import torch
 from torch import nn
+
+from headstart.errors import ArtifactError, MissingFileError, ParamsError
+from headstart.io import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +148,7 @@ def _weights_entry(enum: type, spec: str):
     enum_name, _, member = spec.partition(".")
     if enum_name != enum.__name__ or member not in enum.__members__:
         known = ", ".join(f"{enum.__name__}.{m}" for m in enum.__members__)
-        raise ValueError(
+        raise ParamsError(
             f"backbone.weights: {spec!r} does not fit this backbone; use one of {known}"
         )
     return enum[member]
@@ -167,7 +169,7 @@ def _download_state_dict(entry) -> dict[str, torch.Tensor]:
         try:
             torch.hub.download_url_to_file(entry.url, str(cached), hash_prefix=expected)
         except OSError as error:  # URLError is an OSError: offline, DNS, refused
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"cannot download {entry.url} ({error}). Offline? Copy that file to {cached}, "
                 "or save the state dict under pretrained/ and set backbone.weights to its path"
             ) from error
@@ -260,7 +262,7 @@ BACKBONES: dict[str, BackboneSpec] = {
 def build_backbone(name: str, weights: str) -> Backbone:
     """Build a registered backbone with the given weights spec (see module docstring)."""
     if name not in BACKBONES:
-        raise ValueError(f"backbone.name: unknown {name!r}; known: {', '.join(sorted(BACKBONES))}")
+        raise ParamsError(f"backbone.name: unknown {name!r}; known: {', '.join(sorted(BACKBONES))}")
     if weights == "none":
         # Random init from a fixed seed, so extract and finetune build the same network.
         with torch.random.fork_rng():
@@ -285,34 +287,29 @@ def load_state_dict_file(path: Path, fix: str = "replace it") -> dict[str, torch
     shipped EfficientNet-Lite0 file are) is checked against that hash before it is loaded.
     """
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{path}: weights file not found; put the file there or set backbone.weights to "
             "'pretrained' or 'none'"
         )
     expected = _hash_prefix(path.name)
     if expected is not None:
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        digest = sha256_file(path)
         if not digest.startswith(expected):
-            raise ValueError(
+            raise ArtifactError(
                 f"{path}: sha256 {digest[:12]}... does not match the {expected} in its name: "
                 f"the file is damaged or not the one named; {fix}"
             )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # UnpicklingError, truncated zip, not a torch file, ...
-        raise ValueError(
+        raise ArtifactError(
             f"{path}: not loadable as plain weights ({type(error).__name__}: {error}); "
             "save a state dict with torch.save(model.state_dict(), path)"
         ) from error
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
-        raise ValueError(
+        raise ArtifactError(
             f"{path}: expected a state dict (name -> tensor), got {type(state).__name__}"
         )
     return state
-
-
-def weights_is_file(weights: str) -> bool:
-    """True when backbone.weights names a local file rather than a keyword or enum."""
-    return weights not in ("pretrained", "none") and "_Weights." not in weights

@@ -13,7 +13,6 @@ model says it is. The fitted T is stored in a small JSON file beside the model
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 from pathlib import Path
@@ -21,6 +20,9 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from headstart.errors import ArtifactError
+from headstart.io import read_json, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -170,14 +172,6 @@ def calibration_path(model_path: Path) -> Path:
     return model_path.with_name(f"{model_path.stem}.calibration.json")
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def calibration_record(
     model_path: Path, temperature: float, fitted: bool, summary: dict[str, Any]
 ) -> dict[str, Any]:
@@ -195,18 +189,16 @@ def calibration_record(
 
 def read_temperature(calibration_file: Path, model_path: Path) -> float:
     """The temperature in `calibration_file`, checked to belong to `model_path`."""
-    from headstart.io import read_json
-
     record = read_json(calibration_file)
     if not isinstance(record, dict) or record.get("format") != CALIBRATION_FORMAT:
-        raise ValueError(f"{calibration_file}: not a headstart calibration file")
+        raise ArtifactError(f"{calibration_file}: not a headstart calibration file")
     expected = record.get("model", {}).get("sha256")
     if expected != sha256_file(model_path):
-        raise ValueError(
+        raise ArtifactError(
             f"{calibration_file}: was fitted for another version of {model_path}; "
             "rerun evaluate (dvc repro) or pass --calibration none"
         )
     temperature = float(record["temperature"])
     if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"{calibration_file}: temperature must be > 0, got {temperature}")
+        raise ArtifactError(f"{calibration_file}: temperature must be > 0, got {temperature}")
     return temperature

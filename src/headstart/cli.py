@@ -4,206 +4,27 @@
                       [--calibration auto|none|FILE]
     headstart info MODEL [--format text|json]
     headstart export MODEL OUT --format torchscript [--calibration auto|none|FILE]
+    headstart params [--format markdown]
 
-Preprocessing always comes from the checkpoint's metadata and images are decoded by the same
-function as in training, so predictions match what evaluate measured. A file that cannot be
-used is reported with its reason and the rest are still predicted; exit codes: 0 all inputs
-predicted, 1 some input failed, 2 usage error (bad arguments, missing or unusable model).
+Exit codes: 0 all inputs predicted, 1 some input failed (each is reported with its reason),
+2 the command could not run (bad arguments, a missing or unusable model or calibration file,
+an output that cannot be written): one line on stderr, no traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import hashlib
 import json
 import logging
-import os
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from headstart.errors import HeadstartError, UsageError
 
 log = logging.getLogger("headstart.cli")
 
 USAGE_ERROR = 2
-# Below this many inputs a progress bar is noise.
-PROGRESS_MIN_FILES = 16
-
-
-class UsageError(Exception):
-    """Bad arguments or an unusable model: one line on stderr, exit code 2."""
-
-
-@dataclass
-class Prediction:
-    path: str
-    classes: list[str] = field(default_factory=list)  # best first
-    probabilities: list[float] = field(default_factory=list)
-    reason: str | None = None  # an UnusableImage reason code (or not_found) when it failed
-    detail: str = ""
-
-    @property
-    def ok(self) -> bool:
-        return self.reason is None
-
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "path": self.path,
-            "predictions": [
-                {"class": c, "probability": p}
-                for c, p in zip(self.classes, self.probabilities, strict=True)
-            ],
-            "error": None if self.ok else {"reason": self.reason, "detail": self.detail},
-        }
-
-
-# --------------------------------------------------------------------------------------------
-# Inputs
-
-
-def list_inputs(arguments: list[Path]) -> list[Path]:
-    """Files as given; folders walked recursively in sorted order, hidden files skipped."""
-    from headstart.data import is_hidden
-
-    paths: list[Path] = []
-    for argument in arguments:
-        if not argument.is_dir():
-            paths.append(argument)  # a missing file is reported as not_found, per file
-            continue
-        for dirpath, dirnames, filenames in os.walk(argument):
-            dirnames[:] = sorted(d for d in dirnames if not is_hidden(d))
-            paths.extend(Path(dirpath) / name for name in sorted(filenames) if not is_hidden(name))
-    return paths
-
-
-class _InputDataset:
-    """Item i: (i, image tensor or None, reason, detail); decoding errors are data, not raised."""
-
-    def __init__(self, paths: list[Path], transform, decode_size: int):
-        self.paths = paths
-        self.transform = transform
-        self.decode_size = decode_size  # as in training: see data.ImageDataset
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int):
-        from headstart.images import UnusableImage, decode_image
-
-        path = self.paths[index]
-        if not path.is_file():
-            return index, None, "not_found", "no such file"
-        try:
-            image = decode_image(path, self.decode_size).image
-        except UnusableImage as error:
-            return index, None, error.reason, error.detail
-        return index, self.transform(image), None, ""
-
-
-def _collate(items):
-    return items  # images stacked in predict_files, after the failed ones are set aside
-
-
-# --------------------------------------------------------------------------------------------
-# Predict
-
-
-def predict_files(
-    model,
-    meta: dict[str, Any],
-    paths: list[Path],
-    *,
-    top_k: int,
-    batch_size: int,
-    device,
-    num_workers: int = 0,
-    temperature: float = 1.0,
-) -> list[Prediction]:
-    """Top-k probabilities, softmax(logits / temperature), for every path, in input order;
-    failures carry a reason. The temperature (headstart.calibration) never changes the order
-    of the classes, only how sure the model says it is."""
-    import torch
-    from tqdm import tqdm
-
-    from headstart.data import eval_transform
-
-    transform = eval_transform(meta["image_size"], meta["mean"], meta["std"])
-    classes = meta["classes"]
-    loader = torch.utils.data.DataLoader(
-        _InputDataset(paths, transform, meta["image_size"]),
-        batch_size=batch_size,
-        num_workers=num_workers,
-        collate_fn=_collate,
-    )
-    results: list[Prediction] = [Prediction(str(p)) for p in paths]
-    model.eval().to(device, memory_format=torch.channels_last)  # as evaluate runs it
-    progress = tqdm(
-        total=len(paths),
-        desc="predict",
-        unit="img",
-        file=sys.stderr,
-        disable=True if len(paths) < PROGRESS_MIN_FILES else None,  # None: only on a terminal
-    )
-    with torch.inference_mode(), progress:
-        for items in loader:
-            good = []
-            for index, image, reason, detail in items:
-                if image is None:
-                    results[index].reason, results[index].detail = reason, detail
-                else:
-                    good.append((index, image))
-            if good:
-                images = torch.stack([image for _, image in good])  # (B, 3, S, S)
-                images = images.to(device, memory_format=torch.channels_last)
-                logits = model(images).float()  # (B, num_classes)
-                probabilities = torch.softmax(logits / temperature, dim=1).cpu()
-                top = probabilities.topk(min(top_k, len(classes)), dim=1)  # sorted, best first
-                for row, (index, _) in enumerate(good):
-                    results[index].classes = [classes[i] for i in top.indices[row].tolist()]
-                    results[index].probabilities = top.values[row].tolist()
-            progress.update(len(items))
-    # Logged after the loop so the messages do not tear the progress bar.
-    for result in results:
-        if not result.ok:
-            log.warning("%s: %s: %s", result.path, result.reason, result.detail)
-    return results
-
-
-def format_table(results: list[Prediction]) -> str:
-    width = max((len(r.path) for r in results), default=4)
-    lines = [f"{'path':<{width}}  predictions"]
-    for result in results:
-        if result.ok:
-            text = "  ".join(
-                f"{c} ({p:.3f})" for c, p in zip(result.classes, result.probabilities, strict=True)
-            )
-        else:
-            text = f"ERROR {result.reason}: {result.detail}"
-        lines.append(f"{result.path:<{width}}  {text}")
-    return "\n".join(lines) + "\n"
-
-
-def format_csv(results: list[Prediction]) -> str:
-    import io
-
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["path", "rank", "class", "probability", "error"])
-    for result in results:
-        if not result.ok:
-            writer.writerow([result.path, "", "", "", f"{result.reason}: {result.detail}"])
-        for rank, (c, p) in enumerate(zip(result.classes, result.probabilities, strict=True), 1):
-            writer.writerow([result.path, rank, c, f"{p:.6f}", ""])
-    return buffer.getvalue()
-
-
-def format_json(results: list[Prediction]) -> str:
-    return json.dumps([r.as_json() for r in results], indent=2, ensure_ascii=False) + "\n"
-
-
-# --------------------------------------------------------------------------------------------
-# Commands
 
 
 def _load_model(path: Path):
@@ -241,16 +62,15 @@ def resolve_temperature(model_path: Path, calibration: str) -> float:
     return temperature
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def cmd_predict(args: argparse.Namespace) -> int:
-    from headstart.model import resolve_device
+    from headstart.prediction import (
+        format_csv,
+        format_json,
+        format_table,
+        list_inputs,
+        predict_files,
+    )
+    from headstart.runtime import resolve_device
 
     if args.top_k < 1:
         raise UsageError(f"--top-k must be at least 1, got {args.top_k}")
@@ -259,10 +79,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.num_workers < 0:
         raise UsageError(f"--num-workers must be 0 or more, got {args.num_workers}")
     model, meta = _load_model(args.model)
-    try:
-        device = resolve_device(args.device)
-    except RuntimeError as error:
-        raise UsageError(str(error).replace("compute.device", "--device")) from error
+    device = resolve_device(args.device, key="--device")
     temperature = resolve_temperature(args.model, args.calibration)
     paths = list_inputs(args.inputs)
     if not paths:
@@ -287,10 +104,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def model_info(path: Path) -> dict[str, Any]:
+    from headstart.io import sha256_file
+
     model, meta = _load_model(path)
     return {
         "path": str(path),
-        "sha256": _sha256(path),
+        "sha256": sha256_file(path),
         "size_bytes": path.stat().st_size,
         "backbone": meta["backbone"],
         "num_classes": len(meta["classes"]),
@@ -353,7 +172,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from headstart.export import export_torchscript
+    from headstart.export import EXPORT_FORMATS
     from headstart.io import write_bytes, write_json
 
     out: Path = args.out
@@ -362,14 +181,23 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise UsageError(f"{out}: the sidecar would overwrite the export; use e.g. model.pt")
     _load_model(args.model)  # a usage error (exit 2) for a missing or unusable model file
     temperature = resolve_temperature(args.model, args.calibration)
-    data, description = export_torchscript(args.model, temperature)
+    data, description = EXPORT_FORMATS[args.format](args.model, temperature)
     write_bytes(out, data)
     write_json(side, description)
     sys.stdout.write(f"{out}\n{side}\n")
     return 0
 
 
+def cmd_params(args: argparse.Namespace) -> int:
+    from headstart.params import params_reference
+
+    sys.stdout.write(params_reference())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from headstart.export import EXPORT_FORMATS
+
     parser = argparse.ArgumentParser(
         prog="headstart",
         description=__doc__.splitlines()[0].removeprefix("The `headstart` command: "),
@@ -406,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("model", type=Path)
     export.add_argument("out", type=Path, help="e.g. model.ts.pt; the sidecar is OUT.json")
-    export.add_argument("--format", choices=("torchscript",), default="torchscript")
+    export.add_argument("--format", choices=sorted(EXPORT_FORMATS), default="torchscript")
     export.add_argument(
         "--calibration",
         default="auto",
@@ -414,6 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="temperature built into the exported probabilities (as for predict)",
     )
     export.set_defaults(run=cmd_export)
+
+    reference = commands.add_parser("params", help="every params.yaml key, with its meaning")
+    reference.add_argument("--format", choices=("markdown",), default="markdown")
+    reference.set_defaults(run=cmd_params)
     return parser
 
 
@@ -430,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.run(args)
-    except UsageError as error:
+    except HeadstartError as error:  # what the user can fix; anything else is a bug
         print(f"headstart: error: {error}", file=sys.stderr)
         return USAGE_ERROR
     except KeyboardInterrupt:

@@ -36,6 +36,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from headstart.errors import ParamsError
+
 log = logging.getLogger(__name__)
 
 
@@ -113,12 +115,12 @@ def world(device: torch.device) -> Iterator[tuple[World, torch.device]]:
     local_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if device.type == "cuda":
         if device.index is not None and size > 1:
-            raise ValueError(
+            raise ParamsError(
                 f"compute.device is {device} but {size} processes each need a GPU of their own; "
                 "use compute.device: cuda (process k takes GPU k on its machine)"
             )
         if local_size > torch.cuda.device_count():
-            raise ValueError(
+            raise ParamsError(
                 f"compute.nproc: {local_size} processes on this machine but only "
                 f"{torch.cuda.device_count()} GPUs; lower compute.nproc"
             )

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from headstart.runtime import precision_name
+
 # Packages whose versions can change a result, in the order shown.
 PACKAGES = ("torch", "torchvision", "numpy", "pillow", "scikit-learn", "dvc")
 
@@ -44,8 +46,6 @@ def describe(
     """The environment of this process, as a JSON-ready dict; `device` is the one computing,
     `precision` its autocast dtype (None: float32), `processes` how many computed together
     (torchrun; the threads are each one's)."""
-    from headstart.model import precision_name
-
     device = torch.device(device or "cpu")
     record = {
         "python": platform.python_version(),

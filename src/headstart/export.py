@@ -165,7 +165,7 @@ def strip_debug_info(data: bytes) -> bytes:
 def export_torchscript(model_path: Path, temperature: float = 1.0) -> tuple[bytes, dict[str, Any]]:
     """The TorchScript bytes and the sidecar description for the checkpoint at `model_path`
     (what `headstart export` and the export stage write; the caller writes atomically)."""
-    from headstart.calibration import sha256_file
+    from headstart.io import sha256_file
     from headstart.model import load_classifier
 
     model, meta = load_classifier(model_path)
@@ -174,3 +174,7 @@ def export_torchscript(model_path: Path, temperature: float = 1.0) -> tuple[byte
     description["model_sha256"] = hashlib.sha256(data).hexdigest()
     description["source"] = {"path": str(model_path), "sha256": sha256_file(model_path)}
     return data, description
+
+
+# headstart export --format: format name -> (checkpoint path, temperature) -> (bytes, sidecar).
+EXPORT_FORMATS = {"torchscript": export_torchscript}

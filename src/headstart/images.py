@@ -63,8 +63,8 @@ def decode_image(path: Path, min_side: int | None = None) -> Decoded:
 
     `min_side`: the short side the caller will resize to. A JPEG at least twice that size is
     then decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling: all the data is still read
-    and checked) as long as both sides stay >= min_side. 4x faster for 1600x1200 photos at
-    96 px, pixels within 1/255 on average of a full decode and resize (bench/extract_speed.py).
+    and checked) as long as both sides stay >= min_side: much faster for large photos, with
+    pixels close to a full decode and resize (bench/extract_speed.py measures both).
     """
     # Another library may have set Pillow's global LOAD_TRUNCATED_IMAGES, which pads truncated
     # files with grey instead of failing: refuse truncated data here regardless.

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import errno
+import hashlib
 import io
 import json
 import logging
@@ -24,20 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
+
+from headstart.errors import DISK_FULL_ERRNOS, ArtifactError, DiskFullError, MissingFileError
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
-# Errors that mean "the disk (or the user's quota) is full": the fix is the same.
-DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
-
-
-class DiskFullError(OSError):
-    """No space left while writing an output; `filename` is the output, never the temp file."""
-
-    def __str__(self) -> str:
-        return f"{self.filename}: {self.strerror}"
 
 
 def _disk_full(path: Path, error: OSError) -> DiskFullError:
@@ -202,8 +194,19 @@ def read_array(path: Path) -> np.ndarray:
     return np.load(path, allow_pickle=False)
 
 
-def save_checkpoint(path: Path, state_dict: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+def sha256_file(path: Path) -> str:
+    """The hex sha256 of a file's bytes, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_checkpoint(path: Path, state_dict: dict, meta: dict[str, Any]) -> None:
     """Save tensors plus the plain-data metadata needed to rebuild the model. No pickled code."""
+    import torch  # here, not at the top: stages that only read and write files skip torch
+
     state = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     # Serialise to memory first: torch.save names the zip's root folder after the file it
     # writes to, and the temporary file's random name would make every save differ in bytes.
@@ -212,16 +215,18 @@ def save_checkpoint(path: Path, state_dict: dict[str, torch.Tensor], meta: dict[
     write_bytes(path, buffer.getvalue())
 
 
-def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def load_checkpoint(path: Path) -> tuple[dict, dict[str, Any]]:
     """Load a checkpoint written by save_checkpoint, never executing code from the file."""
+    import torch
+
     if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: checkpoint not found; run the stage that writes it")
+        raise MissingFileError(f"{path}: checkpoint not found; run the stage that writes it")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise ValueError(f"{path}: not a loadable headstart checkpoint: {error}") from error
+        raise ArtifactError(f"{path}: not a loadable headstart checkpoint: {error}") from error
     if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: not a headstart checkpoint (format {CHECKPOINT_FORMAT})")
+        raise ArtifactError(f"{path}: not a headstart checkpoint (format {CHECKPOINT_FORMAT})")
     return data["state_dict"], data["meta"]
 
 

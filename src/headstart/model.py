@@ -8,13 +8,12 @@ trainable; everything below stays frozen, in eval mode, with its BatchNorm stati
 from __future__ import annotations
 
 import logging
-import random
 
-import numpy as np
 import torch
 from torch import nn
 
 from headstart.backbones import Backbone
+from headstart.errors import ArtifactError, ParamsError
 
 log = logging.getLogger(__name__)
 
@@ -70,67 +69,6 @@ def split_at_cut(model: Classifier, unfreeze: int) -> tuple[nn.Module, nn.Module
     return _Bottom(model, cut), _Top(model, cut)
 
 
-def seed_everything(seed: int) -> torch.Generator:
-    """The one place seeds are set; returns a generator for DataLoader shuffling."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    return torch.Generator().manual_seed(seed)
-
-
-def resolve_device(device: str) -> torch.device:
-    """`compute.device`: auto is CUDA when present, else Apple's MPS, else the CPU."""
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"compute.device is {device!r} but CUDA is not available; use auto")
-    if device == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("compute.device is 'mps' but MPS is not available; use auto")
-    return torch.device(device)
-
-
-def cpu_has_native_bf16() -> bool:
-    """True on CPUs with bfloat16 instructions (AVX512-BF16 or AMX), where bf16 pays off."""
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
-
-
-def resolve_precision(
-    precision: str, device: torch.device, training: bool = False
-) -> torch.dtype | None:
-    """The autocast dtype for `compute.precision` on `device`; None means plain float32.
-
-    auto: on GPUs, bfloat16 where supported (else float16), for inference and training; on
-    CPUs with native bfloat16, bfloat16 for inference only (extraction: 2.1-2.5x faster
-    here) and float32 for fine-tuning (`training`), where bfloat16 was no faster
-    (0.8x at 96 px, 1.1x at 224 px on this project's CPU); float32 everywhere else. Outputs
-    written to disk (features, weights) stay float32.
-    """
-    if precision == "float32":
-        return None
-    if precision == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        native = device.type == "cpu" and cpu_has_native_bf16()
-        return torch.bfloat16 if native and not training else None
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16}[precision]
-
-
-def precision_name(precision: torch.dtype | None) -> str:
-    """How a resolved precision reads in logs and records: "float32" or "bfloat16 autocast"."""
-    return "float32" if precision is None else f"{str(precision).removeprefix('torch.')} autocast"
-
-
-def set_threads(threads: int | str) -> None:
-    """`compute.threads`: an int pins torch's CPU thread count; auto keeps torch's default
-    (one per physical core; under compute.nproc, each process's share, see distributed.relaunch).
-    Results can differ in the last digits between thread counts."""
-    if threads != "auto":
-        torch.set_num_threads(threads)
-
-
 def set_trainable(model: Classifier, unfreeze: int) -> list[nn.Module]:
     """Freeze the backbone except its top `unfreeze` blocks; the head always trains.
 
@@ -139,7 +77,7 @@ def set_trainable(model: Classifier, unfreeze: int) -> list[nn.Module]:
     """
     blocks = model.backbone.blocks
     if unfreeze > len(blocks):
-        raise ValueError(
+        raise ParamsError(
             f"params.yaml: finetune.unfreeze: {unfreeze} is more blocks than this backbone has "
             f"({len(blocks)}); use 0..{len(blocks)}"
         )
@@ -216,7 +154,7 @@ def load_classifier(path) -> tuple[Classifier, dict]:
 
     state, meta = load_checkpoint(path)
     if meta.get("kind") != "classifier":
-        raise ValueError(
+        raise ArtifactError(
             f"{path}: not a fine-tuned classifier checkpoint (kind {meta.get('kind')!r})"
         )
     model = Classifier(build_backbone(meta["backbone"], "none"), len(meta["classes"]))
@@ -230,7 +168,7 @@ def load_head(path) -> tuple[nn.Linear, dict]:
 
     state, meta = load_checkpoint(path)
     if meta.get("kind") != "head":
-        raise ValueError(f"{path}: not a head checkpoint (kind {meta.get('kind')!r})")
+        raise ArtifactError(f"{path}: not a head checkpoint (kind {meta.get('kind')!r})")
     head = nn.Linear(meta["in_features"], len(meta["classes"]))
     head.load_state_dict(state)
     return head.eval(), meta

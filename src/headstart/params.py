@@ -1,8 +1,10 @@
-"""Strict, typed loading of params.yaml.
+"""Strict, typed loading of params.yaml, and the one place each key is documented.
 
-One frozen dataclass per section. Every stage loads and validates the whole file (so a typo in
-any section is caught by the first stage that runs), then reads only its own sections; dvc.yaml
-lists exactly those keys so DVC reruns a stage only when its settings change.
+One frozen dataclass per section; each field's `doc` is the key's documentation, which
+`headstart params` prints and docs/params.md holds (a test keeps the two equal). Every stage
+loads and validates the whole file (so a typo in any section is caught by the first stage that
+runs), then reads only its own sections; dvc.yaml lists exactly those keys so DVC reruns a
+stage only when its settings change.
 
 YAML is read the way DVC reads it, with ruamel's safe YAML 1.2 loader (`lr: 1e-3` is 0.001, not
 the string PyYAML's YAML 1.1 rules give): no tags that construct Python objects.
@@ -22,24 +24,37 @@ from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
 from headstart.backbones import BACKBONES
+from headstart.errors import ParamsError
+from headstart.heads import HEADS
+from headstart.transforms import AUGMENTATIONS
 
-
-class ParamsError(ValueError):
-    """A params.yaml problem; the message names the key and the fix."""
-
+__all__ = ["ParamsError", "Params", "load_params", "parse_params", "params_reference", "as_dict"]
 
 # YAML 1.2 floats, for values that arrive as strings (e.g. from a hand-built mapping).
 _FLOAT_1_2 = re.compile(r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?$")
+
+# Keys that moved: old key -> new key. Refused with an error naming the new one.
+RENAMED = {"compute.batch_size": "inference.batch_size"}
+
+
+def _doc(text: str) -> Any:
+    """A dataclass field documented by `text` (no default: every key must be in params.yaml)."""
+    return dataclasses.field(metadata={"doc": text})
 
 
 @dataclass(frozen=True)
 class DataParams:
     """Where the ImageFolder is and how it is split (read by prepare)."""
 
-    dir: str
-    val_fraction: float
-    test_fraction: float
-    seed: int
+    dir: str = _doc(
+        "The ImageFolder, `<dir>/<class>/<image>` (or pre-split `<dir>/<train|val|test>/"
+        "<class>/<image>`); `data/digits` is the built-in dataset."
+    )
+    val_fraction: float = _doc(
+        "Share of each class held out for validation (early stopping, model choice), in (0, 1)."
+    )
+    test_fraction: float = _doc("Share of each class held out for the test metrics, in (0, 1).")
+    seed: int = _doc("Split seed: an image's split is fixed by its content and this seed.")
 
     def validate(self) -> None:
         _check(
@@ -62,9 +77,18 @@ class DataParams:
 class BackboneParams:
     """The pretrained network (read by extract, finetune)."""
 
-    name: str
-    weights: str
-    image_size: int | str
+    name: str = _doc(f"The pretrained backbone: {', '.join(BACKBONES)}.")
+    weights: str = _doc(
+        "`pretrained` (ImageNet weights: shipped for efficientnet_lite0, downloaded by "
+        "torchvision otherwise) | `none` (random init, for smoke tests) | a torchvision weights "
+        "enum such as `ResNet50_Weights.IMAGENET1K_V2` | the path of a local state-dict file "
+        "such as `pretrained/resnet50.pth`."
+    )
+    image_size: int | str = _doc(
+        "Input pixels (square), 32 to 1024, or `auto`: from the data's median short side (4x "
+        "it, rounded up to a multiple of 32, at least 96 and at most the backbone's training "
+        "size)."
+    )
 
     def validate(self) -> None:
         _check(
@@ -80,23 +104,33 @@ class BackboneParams:
 
 @dataclass(frozen=True)
 class ComputeParams:
-    """Where and how batches run (read by extract, finetune, evaluate)."""
+    """Where and how the work runs (read by extract and finetune whole, by evaluate in part)."""
 
-    device: str
-    num_workers: int
-    batch_size: int
-    precision: str
-    threads: int | str
-    nproc: int
+    device: str = _doc(
+        "`auto` (CUDA if present, else Apple MPS, else CPU) | `cpu` | `cuda` | `cuda:N` | `mps`."
+    )
+    num_workers: int = _doc("Image decoding processes (0: decode in the main process).")
+    precision: str = _doc(
+        "`auto`: bfloat16 autocast on GPUs; on CPUs with native bfloat16, for extraction only "
+        "(fine-tuning stays float32) | `float32` | `bfloat16` | `float16`. Evaluate and predict "
+        "always run float32."
+    )
+    threads: int | str = _doc(
+        "CPU threads for torch: `auto` (one per physical core; with nproc, shared among the "
+        "processes) | a number (each process's)."
+    )
+    nproc: int = _doc(
+        "Processes for extract and finetune: 1, or N (torchrun on this machine: N GPUs with "
+        "NCCL, or N CPU processes with gloo)."
+    )
 
     def validate(self) -> None:
         _check(
-            self.device in ("auto", "cpu", "mps") or self.device.startswith("cuda"),
+            self.device in ("auto", "cpu", "mps") or re.fullmatch(r"cuda(:\d+)?", self.device),
             "compute.device",
             "must be 'auto', 'cpu', 'cuda[:N]' or 'mps'",
         )
         _check(self.num_workers >= 0, "compute.num_workers", "must be >= 0")
-        _check(self.batch_size >= 1, "compute.batch_size", "must be >= 1")
         _check(
             self.precision in ("auto", "float32", "bfloat16", "float16"),
             "compute.precision",
@@ -110,20 +144,35 @@ class ComputeParams:
 
 
 @dataclass(frozen=True)
+class InferenceParams:
+    """Batches that only run forward (read by extract, evaluate)."""
+
+    batch_size: int = _doc(
+        "Images per batch for extraction and evaluation; lower it if a batch runs out of memory."
+    )
+
+    def validate(self) -> None:
+        _check(self.batch_size >= 1, "inference.batch_size", "must be >= 1")
+
+
+@dataclass(frozen=True)
 class HeadParams:
     """The classifier trained on cached features (read by train_head)."""
 
-    kind: str
-    lr: float
-    weight_decay: float
-    epochs: int
-    batch_size: int
-    patience: int
-    label_smoothing: float
-    seed: int
+    kind: str = _doc(
+        "`linear` (torch, AdamW, the keys below) | `logreg` (scikit-learn logistic "
+        "regression, C picked on val; uses only `seed`)."
+    )
+    lr: float = _doc("Learning rate (peak of the cosine schedule).")
+    weight_decay: float = _doc("AdamW weight decay.")
+    epochs: int = _doc("Most epochs to train.")
+    batch_size: int = _doc("Features per training batch.")
+    patience: int = _doc("Stop after this many epochs without a better val accuracy.")
+    label_smoothing: float = _doc("Cross-entropy label smoothing, in [0, 1).")
+    seed: int = _doc("Seed for initialisation and shuffling.")
 
     def validate(self) -> None:
-        _check(self.kind in ("linear", "logreg"), "head.kind", "must be 'linear' or 'logreg'")
+        _check(self.kind in HEADS, "head.kind", f"must be one of {', '.join(HEADS)}")
         _check(self.lr > 0, "head.lr", "must be > 0")
         _check(self.weight_decay >= 0, "head.weight_decay", "must be >= 0")
         _check(self.epochs >= 1, "head.epochs", "must be >= 1")
@@ -136,17 +185,28 @@ class HeadParams:
 class FinetuneParams:
     """Fine-tuning the top blocks from the trained head (read by finetune)."""
 
-    unfreeze: int
-    lr_head: float
-    lr_backbone: float
-    weight_decay: float
-    epochs: int
-    batch_size: int
-    patience: int
-    label_smoothing: float
-    augment: str
-    bn: str
-    seed: int
+    unfreeze: int = _doc(
+        "Top blocks of the backbone to train (0: the head only); at most the backbone's "
+        "number of blocks."
+    )
+    lr_head: float = _doc("Learning rate of the head.")
+    lr_backbone: float = _doc(
+        "Learning rate of the unfrozen blocks; smaller than the head's, so the pretrained "
+        "weights move gently."
+    )
+    weight_decay: float = _doc("AdamW weight decay (not applied to biases and norms).")
+    epochs: int = _doc("Most epochs to train.")
+    batch_size: int = _doc("Images per training batch; a multiple of compute.nproc.")
+    patience: int = _doc("Stop after this many epochs without a better val accuracy.")
+    label_smoothing: float = _doc("Cross-entropy label smoothing, in [0, 1).")
+    augment: str = _doc(
+        f"Augmentation policy: {' | '.join(AUGMENTATIONS)}. `light`: small shifts, rotations "
+        "and scale, no flips. `none` computes the frozen blocks once and trains only the top."
+    )
+    bn: str = _doc(
+        "`frozen` (keep the pretrained BatchNorm statistics) | `train` (re-estimate them)."
+    )
+    seed: int = _doc("Seed for shuffling and augmentation.")
 
     def validate(self) -> None:
         _check(self.unfreeze >= 0, "finetune.unfreeze", "must be >= 0 (0 trains the head only)")
@@ -157,7 +217,11 @@ class FinetuneParams:
         _check(self.batch_size >= 1, "finetune.batch_size", "must be >= 1")
         _check(self.patience >= 1, "finetune.patience", "must be >= 1")
         _check(0 <= self.label_smoothing < 1, "finetune.label_smoothing", "must be in [0, 1)")
-        _check(self.augment in ("none", "light"), "finetune.augment", "must be 'none' or 'light'")
+        _check(
+            self.augment in AUGMENTATIONS,
+            "finetune.augment",
+            f"must be one of {', '.join(AUGMENTATIONS)}",
+        )
         _check(self.bn in ("frozen", "train"), "finetune.bn", "must be 'frozen' or 'train'")
 
 
@@ -165,7 +229,9 @@ class FinetuneParams:
 class EvaluateParams:
     """Test metrics and calibration (read by evaluate)."""
 
-    calibrate: bool  # fit a temperature on the validation split for predict and export
+    calibrate: bool = _doc(
+        "Fit a temperature on the validation split; predict and export apply it."
+    )
 
     def validate(self) -> None:
         pass  # a bool is all it can be; _coerce has checked the type
@@ -176,6 +242,7 @@ class Params:
     data: DataParams
     backbone: BackboneParams
     compute: ComputeParams
+    inference: InferenceParams
     head: HeadParams
     finetune: FinetuneParams
     evaluate: EvaluateParams
@@ -217,7 +284,9 @@ def _check_keys(raw: dict, expected: list[str], kind: str, prefix: str) -> None:
         )
     missing = [k for k in expected if k not in raw]
     if missing:
-        raise ParamsError(f"params.yaml: missing {kind} {prefix}{missing[0]}")
+        renamed_from = [old for old, new in RENAMED.items() if new == f"{prefix}{missing[0]}"]
+        hint = f" (it was {renamed_from[0]})" if renamed_from else ""
+        raise ParamsError(f"params.yaml: missing {kind} {prefix}{missing[0]}{hint}")
 
 
 def _section(cls: type, raw: Any, name: str) -> Any:
@@ -237,6 +306,13 @@ def parse_params(raw: Any) -> Params:
         raise ParamsError("params.yaml: expected a mapping of sections at the top level")
     hints = typing.get_type_hints(Params)
     expected = [f.name for f in fields(Params)]
+    # A renamed key is reported before the section it moved to is found missing.
+    for old, new in RENAMED.items():
+        section, _, key = old.partition(".")
+        if isinstance(raw.get(section), dict) and key in raw[section]:
+            raise ParamsError(
+                f"params.yaml: {old} is now {new}; move the value there (see CHANGELOG.md)"
+            )
     _check_keys(raw, expected, "section", "")
     params = Params(**{k: _section(hints[k], raw[k], k) for k in expected})
     blocks = BACKBONES[params.backbone.name].num_blocks
@@ -276,3 +352,35 @@ def load_params(path: str | Path = "params.yaml") -> Params:
 def as_dict(section: Any) -> dict[str, Any]:
     """A params section as a plain dict, for checkpoint metadata."""
     return dataclasses.asdict(section)
+
+
+def _type_name(annotation: Any) -> str:
+    options = typing.get_args(annotation) or (annotation,)
+    return " or ".join("`auto`" if o is str and len(options) > 1 else o.__name__ for o in options)
+
+
+def params_reference() -> str:
+    """Every key of params.yaml with its type and documentation, as Markdown (docs/params.md)."""
+    lines = [
+        "# params.yaml reference",
+        "",
+        "<!-- Generated by `headstart params` from src/headstart/params.py; a test keeps it",
+        "     equal. Edit the field docs there, then: headstart params > docs/params.md -->",
+        "",
+        "Every key is required; an unknown, missing or mistyped key stops the first stage that",
+        "runs with an error naming the key. Override one for an experiment with",
+        "`dvc exp run -S section.key=value`. Write floats with a dot and a signed exponent",
+        "(`1.0e-3`), as YAML 1.2 reads them.",
+    ]
+    for section in fields(Params):
+        cls = typing.get_type_hints(Params)[section.name]
+        hints = typing.get_type_hints(cls)
+        lines += ["", f"## `{section.name}`", "", cls.__doc__.strip(), ""]
+        lines += ["| key | type | meaning |", "| --- | --- | --- |"]
+        for key in fields(cls):
+            doc = key.metadata["doc"].replace("|", "\\|")
+            lines.append(f"| `{section.name}.{key.name}` | {_type_name(hints[key.name])} | {doc} |")
+    if RENAMED:
+        lines += ["", "## Renamed keys", "", "| old key | new key |", "| --- | --- |"]
+        lines += [f"| `{old}` | `{new}` |" for old, new in RENAMED.items()]
+    return "\n".join(lines) + "\n"

@@ -12,10 +12,11 @@ import hashlib
 import math
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:  # report does not import data (and torch) at run time
-    from headstart.data import Images
+from headstart.folders import SPLITS
 
-SPLITS = ("train", "val", "test")
+if TYPE_CHECKING:
+    from headstart.index import Images
+
 # Environment fields shown, in order (headstart.environment.describe's keys).
 ENVIRONMENT_ROWS = (
     "python",

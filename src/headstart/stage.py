@@ -2,13 +2,13 @@
 
 DVC records a stage's outputs only when it exits 0, so an interrupted stage must never exit 0;
 SIGTERM is turned into an exception so temporary files are cleaned up on the way out. Errors
-the user can fix (bad input or params, a full disk, a batch too large for memory) end in one
-line naming the file or key and the fix, and exit code 1; anything else keeps its traceback.
+the user can fix (headstart.errors.HeadstartError: bad input or params, a full disk, a batch too
+large for memory) end in one line naming the file or key and the fix, and exit code 1; anything
+else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import resource
@@ -17,8 +17,7 @@ import sys
 import time
 from collections.abc import Callable
 
-# ENOSPC: no space left on device; EDQUOT: disk quota exceeded. Same fix.
-_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+from headstart.errors import DISK_FULL_ERRNOS, HeadstartError
 
 log = logging.getLogger("headstart")
 
@@ -46,20 +45,20 @@ def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None =
     start = time.perf_counter()
     try:
         code = main(argv)
-    except (ValueError, FileNotFoundError) as error:
+    except HeadstartError as error:
         log.debug("details", exc_info=True)
         log.error("%s", error)
         return 1
-    except OSError as error:
-        if error.errno not in _DISK_FULL_ERRNOS:
+    except OSError as error:  # a full disk outside headstart.io's writers (a library's own)
+        if error.errno not in DISK_FULL_ERRNOS:
             raise
         log.debug("details", exc_info=True)
-        log.error("%s", _disk_full_message(error))
+        where = error.filename or "writing an output"
+        log.error("%s: %s; free disk space and run again", where, os.strerror(error.errno).lower())
         return 1
-    except MemoryError as error:
-        # headstart.train.OutOfMemory (a MemoryError) names the batch size key to lower.
+    except MemoryError:  # the allocator's own, outside a batch (OutOfMemory names the key)
         log.debug("details", exc_info=True)
-        log.error("%s", str(error) or "out of memory; lower the batch size in params.yaml")
+        log.error("out of memory; lower the batch sizes in params.yaml or use a bigger machine")
         return 1
     except KeyboardInterrupt:
         log.error("interrupted (SIGINT); no output was recorded")
@@ -75,13 +74,3 @@ def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None =
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     log.info("done in %.1f s, peak memory %.0f MiB", time.perf_counter() - start, peak)
     return 0
-
-
-def _disk_full_message(error: OSError) -> str:
-    """One line: the file (when known), the cause, the fix."""
-    from headstart.io import DiskFullError  # io imports torch: only load it when needed
-
-    if isinstance(error, DiskFullError):
-        return str(error)
-    where = error.filename or "writing an output"
-    return f"{where}: {os.strerror(error.errno).lower()}; free disk space and run again"

@@ -1,0 +1,231 @@
+"""Evaluation: test metrics, calibration, plots and the model card, for the head on the cached
+features and for the fine-tuned model on the test images.
+
+`evaluate` computes everything and returns it; the stage writes the files. Inference runs in
+float32 whatever compute.precision, as predict does.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from headstart.calibration import (
+    calibrate,
+    calibration_record,
+    expected_calibration_error,
+    reliability_records,
+    softmax,
+)
+from headstart.environment import describe
+from headstart.errors import DataError
+from headstart.figures import confusion_png, image_grid_png
+from headstart.images import decode_image
+from headstart.inference import run_inference
+from headstart.io import read_array, read_json
+from headstart.loaders import image_loader
+from headstart.metrics import (
+    classification_report,
+    confusion_counts,
+    confusion_records,
+    most_confused,
+    per_class_f1_records,
+    worst_misclassified,
+)
+from headstart.model import load_classifier, load_head
+from headstart.report import data_fingerprint, render_model_card
+from headstart.runtime import resolve_device, set_threads
+from headstart.transforms import eval_transform
+
+if TYPE_CHECKING:
+    from headstart.index import PreparedData
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Evaluation:
+    """What evaluate writes. `plots`: JSON records by file name (for DVC's plot templates);
+    `pictures`: PNG bytes by file name; the rest one file each."""
+
+    metrics: dict[str, Any]
+    per_class: dict[str, Any]
+    environment: dict[str, Any]
+    plots: dict[str, list[dict]]
+    pictures: dict[str, bytes]
+    calibration: dict[str, Any]
+    model_card: str
+
+
+def evaluate(
+    prepared: PreparedData,
+    features_dir: Path,
+    head_model: Path,
+    finetuned_model: Path,
+    *,
+    device: str,
+    num_workers: int,
+    threads: int | str,
+    batch_size: int,
+    calibrate_temperature: bool,
+    calibration_file: Path,
+) -> Evaluation:
+    """Score the head (train_head's checkpoint, on the cached test features) and the fine-tuned
+    model (on the test images); fit a temperature on val when `calibrate_temperature`.
+    `calibration_file` is where the calibration will be written, named in the model card."""
+    set_threads(threads)
+    torch_device = resolve_device(device)
+    classes = prepared.classes
+    head, head_meta = load_head(head_model)
+    model, meta = load_classifier(finetuned_model)
+    for path, trained_for in (
+        (head_model, head_meta["classes"]),
+        (finetuned_model, meta["classes"]),
+    ):
+        if trained_for != classes:
+            raise DataError(
+                f"{path}: trained for classes {trained_for}, but the prepared data "
+                f"has {classes}; rerun the pipeline (dvc repro)"
+            )
+
+    test_x = torch.from_numpy(read_array(features_dir / "test_features.npy"))
+    test_y = read_array(features_dir / "test_labels.npy")
+    with torch.inference_mode():
+        head_logits = head(test_x).numpy()  # (N, num_classes)
+    head_pred = head_logits.argmax(1)
+
+    def logits_of(split: str, desc: str) -> tuple[np.ndarray, np.ndarray]:
+        loader = image_loader(
+            prepared.root,
+            prepared.split(split),
+            eval_transform(meta["image_size"], meta["mean"], meta["std"]),
+            decode_size=meta["image_size"],
+            batch_size=batch_size,
+            num_workers=num_workers,
+            pin_memory=torch_device.type == "cuda",
+        )
+        return run_inference(
+            model, loader, torch_device, desc=desc, batch_size_key="inference.batch_size"
+        )
+
+    logits, labels = logits_of("test", "evaluate finetuned")
+    if not (labels == test_y).all():
+        raise DataError(
+            f"{features_dir}: test labels differ from the prepared index; rerun extract (dvc repro)"
+        )
+    finetuned_pred = logits.argmax(1)
+    reports = {
+        name: classification_report(test_y, pred, classes)
+        for name, pred in (("head", head_pred), ("finetuned", finetuned_pred))
+    }
+
+    if calibrate_temperature:
+        temperature, fit_summary = calibrate(*logits_of("val", "evaluate val (calibration)"))
+    else:
+        temperature, fit_summary = 1.0, {}
+    probabilities = {
+        "head": softmax(head_logits),
+        "finetuned": softmax(logits),
+        "calibrated": softmax(logits, temperature),
+    }
+    ece = {
+        name: round(expected_calibration_error(p, test_y), 6) for name, p in probabilities.items()
+    }
+    metrics = {
+        name: {"accuracy": r["accuracy"], "macro_f1": r["macro_f1"], "ece": ece[name]}
+        for name, r in reports.items()
+    }
+    metrics["finetuned"] |= {"ece_calibrated": ece["calibrated"], "temperature": temperature}
+    metrics["test_images"] = int(len(test_y))
+    fingerprint = data_fingerprint(prepared.images, classes)
+    # Beside the model: the temperature predict and export apply, and (for `headstart info`)
+    # what this evaluation measured on which data.
+    calibration = calibration_record(
+        finetuned_model,
+        temperature,
+        calibrate_temperature,
+        fit_summary
+        | {"test": metrics["finetuned"] | {"images": metrics["test_images"]}}
+        | {"data_fingerprint": fingerprint},
+    )
+    # Which machine and software computed each step of this result (see headstart.environment).
+    environment = {
+        "extract": read_json(features_dir / "meta.json").get("environment"),
+        "train_head": head_meta.get("environment"),
+        "finetune": meta.get("environment"),
+        "evaluate": describe(torch_device),
+    }
+    plots = {
+        "confusion_head.json": confusion_records(test_y, head_pred, classes),
+        "confusion_finetuned.json": confusion_records(test_y, finetuned_pred, classes),
+        **{
+            f"reliability_{name}.json": reliability_records(p, test_y)
+            for name, p in probabilities.items()
+        },
+        "per_class_f1.json": per_class_f1_records(reports, classes),
+    }
+    counts = confusion_counts(test_y, finetuned_pred, len(classes))
+    pictures = {
+        "confusion_finetuned.png": confusion_png(
+            counts, classes, f"Test confusion matrix, fine-tuned ({len(test_y)} images)"
+        ),
+        "worst_misclassified.png": _worst_picture(
+            prepared, probabilities["calibrated"], test_y, finetuned_pred
+        ),
+    }
+    model_card = render_model_card(
+        model_meta=meta,
+        head_meta=head_meta,
+        model_file={
+            "path": str(finetuned_model),
+            "sha256": calibration["model"]["sha256"],
+            "num_parameters": sum(p.numel() for p in model.parameters()),
+        },
+        data={"dir": str(prepared.root), "fingerprint": fingerprint, "report": prepared.report},
+        metrics=metrics,
+        reports=reports,
+        confused=most_confused(counts, classes),
+        calibration=calibration | {"file": str(calibration_file)},
+        environment=environment,
+    )
+    log.info(
+        "test ECE: head %.4f, fine-tuned %.4f, calibrated (T = %.3f) %.4f",
+        ece["head"],
+        ece["finetuned"],
+        temperature,
+        ece["calibrated"],
+    )
+    log.info(
+        "test accuracy (%d images): head %.4f, fine-tuned %.4f",
+        len(test_y),
+        reports["head"]["accuracy"],
+        reports["finetuned"]["accuracy"],
+    )
+    per_class = {name: r["per_class"] for name, r in reports.items()}
+    return Evaluation(metrics, per_class, environment, plots, pictures, calibration, model_card)
+
+
+def _worst_picture(
+    prepared: PreparedData, probabilities: np.ndarray, test_y: np.ndarray, predicted: np.ndarray
+) -> bytes:
+    """A grid of the test images the model got wrong most confidently, with their labels."""
+    classes = prepared.classes
+    test_paths = prepared.split("test").paths  # in test_y's order
+    worst = worst_misclassified(probabilities, test_y)
+    return image_grid_png(
+        [decode_image(prepared.root / test_paths[i]).image for i in worst],
+        [
+            [
+                f"predicted {classes[predicted[i]]} ({probabilities[i].max():.2f})",
+                f"true {classes[test_y[i]]}",
+                Path(test_paths[i]).name,
+            ]
+            for i in worst
+        ],
+        "Most confident mistakes, fine-tuned (test)",
+    )
