@@ -2,10 +2,11 @@
 
 Without pixel-level augmentation (`finetune.augment: none`) the frozen lower blocks compute the
 same activations every epoch; the finetune stage then caches them once at the cut and trains
-only the top `finetune.unfreeze` blocks. Both sides here start from the same weights and see the
-same batches in the same order (one seeded generator), with the finetune params from params.yaml
-and augment none; the cached side includes computing its cache. Prints seconds per epoch, total
-seconds and test accuracy of each side; the last line is the per-epoch ratio.
+only the top `finetune.unfreeze` blocks. Both sides here run the finetune stage's own function
+(headstart.finetuning.finetune), forced to one path or the other, with the finetune params from
+params.yaml and augment none: the same weights, the same batches in the same order. The cached
+side's total includes computing its cache. Prints seconds per epoch, total seconds and test
+accuracy of each side; the last line is the per-epoch ratio.
 
 Also prints the top blocks' share f of the forward pass's FLOPs and the ratio that share allows
 from compute alone: a whole-backbone epoch runs the whole forward pass (1) plus the backward
@@ -22,24 +23,24 @@ Needs a prepared index and a trained head (`dvc repro train_head` first).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
 from headstart.backbones import build_backbone
+from headstart.finetuning import finetune
 from headstart.index import load_prepared
-from headstart.inference import cache_activations, run_inference
+from headstart.inference import run_inference
 from headstart.io import load_checkpoint
-from headstart.loaders import image_loader, sampling
-from headstart.model import Classifier, param_groups, set_trainable, split_at_cut, train_mode
+from headstart.loaders import image_loader
+from headstart.model import Classifier, split_at_cut
 from headstart.params import load_params
-from headstart.runtime import precision_name, resolve_precision, seed_everything, set_threads
-from headstart.train import fit
+from headstart.runtime import precision_name, resolve_precision
 from headstart.transforms import eval_transform
 
 
@@ -53,95 +54,58 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     params = load_params()
-    ft = params.finetune
-    unfreeze = ft.unfreeze if args.unfreeze is None else args.unfreeze
-    set_threads(params.compute.threads)
-    device = torch.device("cpu")
-    precision = resolve_precision(params.compute.precision, device, training=True)
+    unfreeze = params.finetune.unfreeze if args.unfreeze is None else args.unfreeze
+    # The finetune stage's own function, on the CPU, without augmentation and without early
+    # stopping (both sides run every epoch); only `cache` differs between the two sides.
+    compute = dataclasses.replace(params.compute, device="cpu", nproc=1)
+    ft = dataclasses.replace(
+        params.finetune,
+        augment="none",
+        unfreeze=unfreeze,
+        epochs=args.epochs,
+        patience=args.epochs,
+    )
     prepared = load_prepared(args.data, args.prepared)
     head_state, head_meta = load_checkpoint(args.head)
     size = head_meta["features_meta"]["image_size"]
     mean, std = head_meta["features_meta"]["mean"], head_meta["features_meta"]["std"]
-    transform = eval_transform(size, mean, std)
 
-    def images(split: str, **options) -> DataLoader:
-        return image_loader(
-            args.data,
-            prepared.split(split),
-            transform,
-            decode_size=size,
-            batch_size=ft.batch_size,
-            num_workers=params.compute.num_workers,
-            **options,
-        )
-
-    def fine_tune(cached: bool, scratch: Path) -> tuple[float, float, float]:
+    def fine_tune(cache: bool, scratch: Path) -> tuple[float, float, float]:
         """(seconds per epoch, total seconds, test accuracy) for one side."""
-        generator = seed_everything(ft.seed)
-        model = Classifier(
-            build_backbone(params.backbone.name, params.backbone.weights), len(prepared.classes)
-        )
-        model.head.load_state_dict(head_state)
-        frozen = set_trainable(model, unfreeze)
-        groups = param_groups(model, ft.lr_head, ft.lr_backbone, ft.weight_decay)
         start = time.perf_counter()
-        if cached:
-            bottom, trainee = split_at_cut(model, unfreeze)
-            activations = {
-                split: cache_activations(
-                    bottom,
-                    images(split),
-                    device,
-                    scratch / f"{split}.npy",
-                    split,
-                    None,
-                    precision,
-                )
-                for split in ("train", "val")
-            }
-            train = DataLoader(
-                activations["train"],
-                **sampling(activations["train"], ft.batch_size, True, generator),
-            )
-            val = DataLoader(
-                activations["val"], **sampling(activations["val"], ft.batch_size, False, None)
-            )
-        else:
-            trainee, train = model, images("train", shuffle=True, generator=generator)
-            val = images("val")
-        setup = time.perf_counter() - start
-        epochs_start = time.perf_counter()
-        fit(
-            trainee,
-            train,
-            val,
-            groups,
-            epochs=args.epochs,
-            patience=args.epochs,  # no early stop: both sides run every epoch
-            label_smoothing=ft.label_smoothing,
-            device=device,
-            train_mode=lambda _: train_mode(model, frozen, ft.bn),
-            desc="cached" if cached else "whole backbone",
-            precision=precision,
+        result = finetune(
+            prepared,
+            head_state,
+            head_meta,
+            params.backbone,
+            compute,
+            ft,
+            scratch_dir=scratch,
+            cache=cache,
         )
-        per_epoch = (time.perf_counter() - epochs_start) / args.epochs
-        logits, labels = run_inference(model, images("test"), device, desc="test")
-        return (
-            per_epoch,
-            setup + per_epoch * args.epochs,
-            float((logits.argmax(1) == labels).mean()),
+        total = time.perf_counter() - start
+        test = image_loader(
+            args.data,
+            prepared.split("test"),
+            eval_transform(size, mean, std),
+            decode_size=size,
+            batch_size=params.inference.batch_size,
+            num_workers=compute.num_workers,
         )
+        logits, labels = run_inference(result.model, test, torch.device("cpu"), desc="test")
+        per_epoch = sum(result.fit.epoch_seconds) / len(result.fit.epoch_seconds)
+        return per_epoch, total, float((logits.argmax(1) == labels).mean())
 
     share = top_flops_share(params.backbone.name, len(prepared.classes), unfreeze, size)
+    precision = resolve_precision(compute.precision, torch.device("cpu"), training=True)
     print(
         f"{len(prepared.images)} images, {params.backbone.name} at {size} px, "
-        f"top {unfreeze} blocks, "
-        f"{args.epochs} epochs, batch {ft.batch_size}, {torch.get_num_threads()} threads, "
-        f"{precision_name(precision)}"
+        f"top {unfreeze} blocks, {args.epochs} epochs, batch {ft.batch_size}, "
+        f"{torch.get_num_threads()} threads, {precision_name(precision)}"
     )
     with tempfile.TemporaryDirectory(prefix="headstart-bench-") as scratch:
-        full = fine_tune(cached=False, scratch=Path(scratch))
-        cached = fine_tune(cached=True, scratch=Path(scratch))
+        full = fine_tune(cache=False, scratch=Path(scratch))
+        cached = fine_tune(cache=True, scratch=Path(scratch))
     for name, (per_epoch, total, accuracy) in (("whole backbone", full), ("cached", cached)):
         print(
             f"{name}: {per_epoch:.1f} s/epoch, {total:.1f} s in all, test accuracy {accuracy:.4f}"

@@ -26,6 +26,7 @@ grows with the dataset: --photos measures it at a size of your choice.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import tempfile
 import time
@@ -38,10 +39,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from headstart.backbones import BACKBONES, build_backbone
-from headstart.folders import SPLITS
+from headstart.extraction import extract_features
+from headstart.heads import read_features, train_head
 from headstart.index import Images, load_prepared
 from headstart.inference import run_inference
-from headstart.loaders import image_loader, tensor_batches
+from headstart.io import read_array
+from headstart.loaders import image_loader
 from headstart.model import Classifier, set_trainable, train_mode
 from headstart.params import load_params
 from headstart.runtime import precision_name, resolve_precision, seed_everything, set_threads
@@ -77,6 +80,7 @@ def main() -> None:
     transform = eval_transform(size, spec.mean, spec.std)
     set_threads(params.compute.threads)
     device = torch.device("cpu")
+    compute = dataclasses.replace(params.compute, device="cpu", nproc=1)  # both sides: CPU
     # Extraction at compute.precision, as the extract stage runs it, and the head trained in
     # float32, as train_head does; the usual loop runs at compute.precision throughout (its
     # frozen backbone is the bulk of its work).
@@ -109,37 +113,21 @@ def main() -> None:
         f"{args.epochs} epochs, {torch.get_num_threads()} threads, {precision_name(precision)}"
     )
 
-    # Cached: extract once (in one pass over the splits, as the extract stage does), then
-    # train the head on feature vectors.
+    # Cached: what the pipeline does, through the stages' own functions: extract once into a
+    # scratch folder, then train the head on the feature files.
+    scratch = Path(tempfile.mkdtemp(prefix="headstart-head-vs-naive-features-")) / "features"
     start = time.perf_counter()
-    ordered, parts = prepared.images.in_split_order()
-    x, y = run_inference(backbone, images(ordered), device, desc="extract", precision=precision)
-    features = {s: (x[part], y[part]) for s, part in zip(SPLITS, parts, strict=True)}
+    extract_features(prepared, params.backbone, compute, params.inference, scratch)
     extract_s = time.perf_counter() - start
-
-    def tensors(split: str, shuffle: bool) -> DataLoader:
-        x, y = features[split]
-        generator = torch.Generator().manual_seed(head.seed)
-        return tensor_batches(
-            torch.from_numpy(x), torch.from_numpy(y), head.batch_size, shuffle, generator
-        )
-
     start = time.perf_counter()
-    linear = new_head(backbone.num_features)
-    groups = [
-        {"params": list(linear.parameters()), "lr": head.lr, "weight_decay": head.weight_decay}
-    ]
-    fit(
-        linear,
-        tensors("train", True),
-        tensors("val", False),
-        groups,
-        desc="cached head",
-        **fit_options,
+    linear, _ = train_head(
+        read_features(scratch),
+        dataclasses.replace(head, kind="linear", epochs=args.epochs, patience=args.epochs),
     )
     head_s = time.perf_counter() - start
     with torch.inference_mode():
-        test_x, test_y = features["test"]
+        test_x = read_array(scratch / "test_features.npy")
+        test_y = read_array(scratch / "test_labels.npy")
         cached_accuracy = float(
             (linear(torch.from_numpy(test_x)).argmax(1).numpy() == test_y).mean()
         )

@@ -504,3 +504,53 @@ def test_finetune_picks_cached_activations_without_augmentation(
     load_stage("evaluate").main(STAGE_ARGV["evaluate"])
     metrics = _read_json(work / "metrics/evaluate.json")
     assert 0.0 <= metrics["finetuned"]["accuracy"] <= 1.0
+
+
+def test_finetune_function_runs_either_path_to_the_same_model(pipeline, params_dict):
+    """headstart.finetuning.finetune, which the stage and bench/finetune_cached.py call: with
+    augment none, forcing the whole backbone every epoch (cache=False) trains the same model as
+    the cached activations (cache=True), within float rounding; every epoch is timed; and
+    caching is refused where it would drop the augmentation."""
+    import dataclasses
+
+    from headstart.finetuning import finetune
+    from headstart.index import load_prepared
+    from headstart.io import load_checkpoint
+    from headstart.params import parse_params
+
+    params = parse_params(params_dict)
+    ft = dataclasses.replace(params.finetune, augment="none", epochs=2, patience=2)
+    prepared = load_prepared(pipeline / "images", pipeline / "data/prepared")
+    head_state, head_meta = load_checkpoint(pipeline / "models/head.pt")
+    results = {
+        cache: finetune(
+            prepared,
+            head_state,
+            head_meta,
+            params.backbone,
+            params.compute,
+            ft,
+            scratch_dir=pipeline / "models",
+            cache=cache,
+        )
+        for cache in (False, True)
+    }
+    whole, cached = results[False].model.state_dict(), results[True].model.state_dict()
+    # Both trained (the head moved from its warm start), so matching is not trivial.
+    assert not torch.equal(whole["head.weight"], head_state["weight"])
+    for key, value in whole.items():
+        torch.testing.assert_close(cached[key], value, atol=1e-4, rtol=1e-4, msg=key)
+    for result in results.values():
+        assert len(result.fit.epoch_seconds) == len(result.fit.history) == 2
+        assert all(seconds > 0 for seconds in result.fit.epoch_seconds)
+    with pytest.raises(ValueError, match="cannot be augmented"):
+        finetune(
+            prepared,
+            head_state,
+            head_meta,
+            params.backbone,
+            params.compute,
+            params.finetune,  # augment light
+            scratch_dir=pipeline / "models",
+            cache=True,
+        )

@@ -134,10 +134,10 @@ def strip_debug_info(data: bytes) -> bytes:
     Those records map the compiled code back to Python source lines for error messages, and
     name the source files by absolute path (this checkout, the environment's site-packages):
     the same model exported from two folders would differ in bytes, and a DVC output with it.
-    torch.jit.load does not need them (pytorch/pytorch#123066). The archive's
-    `.data/serialization_id` is computed by torch from the CRCs of every record, the debug ones
-    included, so it is recomputed from what remains. The archive is rewritten with its records
-    in their order, stored uncompressed with a fixed date, so the bytes depend only on the model.
+    torch.jit.load does not need them. The archive's `.data/serialization_id` is computed by
+    torch from the CRCs of every record, the debug ones included, so it is recomputed from what
+    remains. The archive is rewritten with its records in their order, stored uncompressed with
+    a fixed date, so the bytes depend only on the model.
     """
     source = zipfile.ZipFile(io.BytesIO(data))
     kept = [

@@ -37,7 +37,7 @@ from headstart.runtime import (
     seed_everything,
     set_threads,
 )
-from headstart.train import fit, live_logger
+from headstart.train import FitResult, fit, live_logger
 from headstart.transforms import eval_transform, train_transform
 
 if TYPE_CHECKING:
@@ -56,6 +56,7 @@ class Finetuned:
 
     model: Classifier
     meta: dict[str, Any]
+    fit: FitResult  # the training's history, best epoch and times
 
 
 def finetune(
@@ -68,10 +69,20 @@ def finetune(
     *,
     scratch_dir: Path,
     live_dir: Path | None = None,
+    cache: bool | None = None,
 ) -> Finetuned | None:
     """Fine-tune from the head in `head_state`/`head_meta` (train_head's checkpoint); training
     curves go to `live_dir` through DVCLive. Returns the result on rank 0, None on the other
-    ranks under torchrun (only rank 0 writes)."""
+    ranks under torchrun (only rank 0 writes).
+
+    `cache`: train the top blocks on activations cached once at the cut; None (the stage's
+    choice) caches exactly when `ft.augment` is none. False forces the whole backbone every
+    epoch, so a benchmark can run both paths on the same settings.
+    """
+    if cache is None:
+        cache = ft.augment == "none"
+    elif cache and ft.augment != "none":
+        raise ValueError("cached activations cannot be augmented: use finetune.augment none")
     from headstart.params import as_dict
 
     features = head_meta["features_meta"]
@@ -104,7 +115,7 @@ def finetune(
             )
 
         with contextlib.ExitStack() as stack:
-            if ft.augment == "none" and ft.unfreeze < len(model.backbone.blocks):
+            if cache and ft.unfreeze < len(model.backbone.blocks):
                 # Without pixel-level augmentation the frozen lower blocks compute the same
                 # activations every epoch: compute them once, train the top blocks on them.
                 log.info(
@@ -198,4 +209,4 @@ def finetune(
             "summary": {"best_epoch": result.best_epoch, "val_accuracy": result.best_val_accuracy},
             "environment": describe(device, precision, world.size),
         }
-        return Finetuned(model, meta)
+        return Finetuned(model, meta, result)

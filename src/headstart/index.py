@@ -72,9 +72,9 @@ def prepare_index(
 
 @dataclass(frozen=True)
 class Images:
-    """Indexed images by column, in index order (sorted by path): about 170 bytes an image
-    for paths like `class_07/IMG_20240101_000123.jpg`, where a dict per index row took about
-    690 (tests/test_data.py holds it under 250).
+    """Indexed images by column, in index order (sorted by path): a path string and a few
+    fixed-width numbers an image, a fraction of what a dict per index row costs, so memory
+    stays small at hundreds of thousands of images (tests/test_data.py bounds it).
 
     The index's width and height are not kept: nothing after prepare reads them.
     """

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -31,6 +32,7 @@ class FitResult:
     best_val_loss: float
     state_dict: dict[str, torch.Tensor]
     history: list[dict[str, float]] = field(default_factory=list)
+    epoch_seconds: list[float] = field(default_factory=list)  # each epoch's, validation included
 
 
 def fit(
@@ -70,10 +72,12 @@ def fit(
     loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
     best: FitResult | None = None
     history: list[dict[str, float]] = []
+    epoch_seconds: list[float] = []
     stale = 0
     step = 0
     with explain_out_of_memory(desc, device, train_batches, batch_size_key):
         for epoch in range(1, epochs + 1):
+            started = time.perf_counter()
             train_mode(model)
             total_loss, total_correct, seen = 0.0, 0, 0
             progress = tqdm(
@@ -109,6 +113,7 @@ def fit(
                 model, val_batches, device, batch_size_key, precision
             )
             total_loss, total_correct, seen = sum_over_ranks([total_loss, total_correct, seen])
+            epoch_seconds.append(time.perf_counter() - started)
             record = {
                 "epoch": epoch,
                 "train_loss": total_loss / seen,
@@ -134,7 +139,7 @@ def fit(
             )
             if improved:
                 state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-                best = FitResult(epoch, val_accuracy, val_loss, state, history)
+                best = FitResult(epoch, val_accuracy, val_loss, state, history, epoch_seconds)
                 stale = 0
             else:
                 stale += 1
