@@ -24,7 +24,8 @@ lint: $(VENV)/.installed
 
 # Rerun the committed pipeline from scratch in a temporary clone and compare its metrics with
 # the committed ones: exact by default (same machine), `make reproduce-check TOLERANCE=0.01`
-# elsewhere. See tools/reproduce_check.py --help.
+# elsewhere, with compute.precision pinned (docs/reproducibility.md). See
+# tools/reproduce_check.py --help.
 reproduce-check: $(VENV)/.installed
 	python tools/reproduce_check.py $(if $(TOLERANCE),--tolerance $(TOLERANCE))
 

@@ -2,7 +2,7 @@
 committed ones.
 
     python tools/reproduce_check.py                    # same machine: every value exactly equal
-    python tools/reproduce_check.py --tolerance 0.01   # another CPU, a GPU: floats within 0.01
+    python tools/reproduce_check.py --tolerance 0.01   # another machine: floats within 0.01
 
 What it does:
 
@@ -23,7 +23,9 @@ dvc.lock: on the machine that made the committed run the pipeline is byte-identi
 (absolute); integers (image counts, epochs) must still be equal, and outputs that differ from
 dvc.lock are listed but do not fail the check. Early stopping may pick another epoch on
 another machine: restrict the check to the test metrics with `--metrics
-metrics/evaluate.json` there.
+metrics/evaluate.json` there. Across CPUs, pin `compute.precision: float32` first: with `auto`
+one CPU may extract in bfloat16 and the other in float32, which moves results by more than
+0.01.
 
 Exit codes: 0 reproduced, 1 outside the tolerance (or a metric missing), 2 the rerun failed.
 """

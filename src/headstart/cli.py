@@ -36,7 +36,7 @@ def _load_model(path: Path):
         )
     try:
         return load_classifier(path)
-    except (ValueError, KeyError) as error:
+    except (HeadstartError, KeyError) as error:  # KeyError: metadata missing a field
         raise UsageError(f"{path}: not a usable fine-tuned model: {error}") from error
 
 
@@ -56,7 +56,7 @@ def resolve_temperature(model_path: Path, calibration: str) -> float:
         raise UsageError(f"{path}: calibration file not found")
     try:
         temperature = read_temperature(path, model_path)
-    except (ValueError, KeyError) as error:
+    except (HeadstartError, KeyError) as error:  # KeyError: metadata missing a field
         raise UsageError(str(error)) from error
     log.info("calibration: temperature %.4f from %s", temperature, path)
     return temperature
@@ -136,7 +136,7 @@ def _calibration_info(path: Path) -> dict[str, Any]:
         return {"file": None, "temperature": 1.0}
     try:
         temperature = read_temperature(calibration, path)
-    except (ValueError, KeyError) as error:
+    except (HeadstartError, KeyError) as error:  # KeyError: metadata missing a field
         return {"file": str(calibration), "temperature": None, "error": str(error)}
     record = read_json(calibration)
     # Written by evaluate: the test metrics and the data they were measured on.

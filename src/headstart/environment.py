@@ -1,8 +1,9 @@
 """What machine and software produced a result: recorded beside every model, features and metrics.
 
 Two runs of the pipeline on one machine give byte-identical outputs; on two machines they may
-differ in the last digits (another CPU's vector instructions, another thread count, a GPU).
-This record is what lets a reader of `dvc metrics diff` tell why. It holds nothing that changes
+differ in the last digits (another CPU's vector instructions, another thread count), or by
+more when `compute.precision: auto` picks bfloat16 on one and float32 on the other. This
+record is what lets a reader of `dvc metrics diff` tell why. It holds nothing that changes
 between two runs on the same machine (no time, no host name, no paths), so recording it keeps
 outputs byte-identical there.
 """
