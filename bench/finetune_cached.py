@@ -33,10 +33,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from headstart.backbones import build_backbone
+from headstart.checkpoints import load_checkpoint
 from headstart.finetuning import finetune
 from headstart.index import load_prepared
 from headstart.inference import run_inference
-from headstart.io import load_checkpoint
 from headstart.loaders import image_loader
 from headstart.model import Classifier, split_at_cut
 from headstart.params import load_params

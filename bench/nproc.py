@@ -26,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from headstart.io import load_checkpoint
+from headstart.checkpoints import load_checkpoint
 
 PROJECT = Path(__file__).resolve().parents[1]
 DATA = "data/digits"

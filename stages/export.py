@@ -15,8 +15,7 @@ from pathlib import Path
 import _bootstrap  # noqa: F401  (first: a clear message outside the environment)
 
 from headstart.calibration import read_temperature
-from headstart.errors import UsageError
-from headstart.export import export_torchscript
+from headstart.export import export_paths, export_torchscript
 from headstart.io import write_bytes, write_json
 from headstart.stage import run
 
@@ -28,9 +27,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("finetuned_model", "calibration", "export"):
         parser.add_argument(name, type=Path)
     args = parser.parse_args(argv)
-    sidecar = args.export.with_suffix(".json")
-    if sidecar == args.export:
-        raise UsageError(f"{args.export}: needs a suffix other than .json (the sidecar's)")
+    _, sidecar = export_paths(args.export, [args.finetuned_model, args.calibration])
 
     temperature = read_temperature(args.calibration, args.finetuned_model)
     data, description = export_torchscript(args.finetuned_model, temperature)

@@ -16,10 +16,11 @@ from pathlib import Path
 import _bootstrap  # noqa: F401  (first: a clear message outside the environment)
 
 from headstart import distributed
+from headstart.checkpoints import save_checkpoint
 from headstart.errors import DataError
 from headstart.finetuning import finetune
 from headstart.index import load_prepared
-from headstart.io import load_checkpoint, save_checkpoint
+from headstart.model import load_head
 from headstart.params import load_params
 from headstart.stage import run
 
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> int | None:
     params = load_params()
 
     prepared = load_prepared(args.data_dir, args.prepared_dir)
-    head_state, head_meta = load_checkpoint(args.head_model)
+    head, head_meta = load_head(args.head_model)
     if head_meta["classes"] != prepared.classes:
         raise DataError(
             f"{args.head_model}: trained for classes {head_meta['classes']}, but the prepared "
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int | None:
         return code
     result = finetune(
         prepared,
-        head_state,
+        head.state_dict(),
         head_meta,
         params.backbone,
         params.compute,

@@ -15,9 +15,9 @@ from pathlib import Path
 import _bootstrap  # noqa: F401  (first: a clear message outside the environment)
 from dvclive import Live
 
+from headstart.checkpoints import save_checkpoint
 from headstart.environment import describe
 from headstart.heads import head_meta, read_features, train_head
-from headstart.io import save_checkpoint
 from headstart.params import load_params
 from headstart.stage import run
 from headstart.train import live_logger

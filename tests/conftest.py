@@ -125,6 +125,24 @@ def valid_params() -> dict:
     }
 
 
+def write_features(directory: Path, splits: dict, classes: list[str]) -> Path:
+    """A features folder as extract writes it: {split}_features.npy and {split}_labels.npy for
+    each split in `splits` ({split: (features (N, D), labels (N,))}), and meta.json with each
+    file's sha256."""
+    from headstart.io import sha256_file, write_array, write_json
+
+    directory.mkdir(parents=True, exist_ok=True)
+    for split, (features, labels) in splits.items():
+        write_array(directory / f"{split}_features.npy", np.asarray(features, dtype=np.float32))
+        write_array(directory / f"{split}_labels.npy", np.asarray(labels, dtype=np.int64))
+    width = next(iter(splits.values()))[0].shape[1]
+    meta = {"num_features": width, "classes": classes, "image_size": 32}
+    meta |= {"mean": [0.5] * 3, "std": [0.25] * 3}
+    meta["files"] = {p.name: sha256_file(p) for p in sorted(directory.glob("*.npy"))}
+    write_json(directory / "meta.json", meta)
+    return directory
+
+
 def dump_params(directory: Path, mapping: dict) -> Path:
     """Write `mapping` as directory/params.yaml and return its path."""
     path = directory / "params.yaml"

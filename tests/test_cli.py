@@ -16,9 +16,10 @@ import pytest
 import torch
 
 from headstart.backbones import build_backbone
+from headstart.checkpoints import save_checkpoint
 from headstart.cli import main
 from headstart.inference import run_inference
-from headstart.io import read_json, save_checkpoint
+from headstart.io import read_json
 from headstart.loaders import ImageDataset
 from headstart.model import Classifier, load_classifier
 from headstart.transforms import eval_transform
@@ -201,17 +202,19 @@ def test_device_this_machine_lacks_is_one_line_and_exit_2(checkpoint, image_fold
     assert "--device" in lines[0] and "CUDA is not available" in lines[0], lines[0]
 
 
-def test_a_bug_keeps_its_traceback(checkpoint, image_folder, monkeypatch):
-    """Only HeadstartError is a user's problem: any other exception propagates with its
-    traceback instead of being printed as if the input were wrong."""
+def test_a_bug_keeps_its_traceback_and_exit_code_3(checkpoint, image_folder, monkeypatch, capsys):
+    """Only HeadstartError is a user's problem: any other exception prints its traceback and
+    exits 3, a code that neither a failed input (1) nor a usage error (2) gives."""
     import headstart.prediction
 
     def broken(*args, **kwargs):
         raise ValueError("a bug, not a bad input")
 
     monkeypatch.setattr(headstart.prediction, "predict_files", broken)
-    with pytest.raises(ValueError, match="a bug"):
-        main(["predict", str(checkpoint), str(image_folder)])
+    code = main(["predict", str(checkpoint), str(image_folder)])
+    err = capsys.readouterr().err
+    assert code == 3
+    assert "Traceback" in err and "ValueError: a bug, not a bad input" in err
 
 
 def test_info_json(checkpoint, capsys):

@@ -21,8 +21,8 @@ import pytest
 import torch
 from test_stages import PROJECT, STAGE_ARGV, load_stage, run_stages
 
+from headstart.checkpoints import load_checkpoint
 from headstart.distributed import World
-from headstart.io import load_checkpoint
 from headstart.loaders import DealtBatches, WholeBatches, sampling
 from headstart.params import ParamsError
 
@@ -195,8 +195,9 @@ def test_a_failing_process_fails_the_stage_and_writes_nothing(
 ):
     """An error in the processes ends the run with their exit code; no features are written."""
     two, params = _two_processes(single, tmp_path, write_params)
-    (two / "broken.pth").write_bytes(b"not a state dict")  # each process fails to load it
-    params["backbone"]["weights"] = "broken.pth"
+    (two / "pretrained").mkdir(exist_ok=True)
+    (two / "pretrained/broken.pth").write_bytes(b"not a state dict")  # each process fails on it
+    params["backbone"]["weights"] = "pretrained/broken.pth"
     write_params(two, params)
     shutil.rmtree(two / "data/features")
     assert _run(two, "extract", monkeypatch) == 1

@@ -172,3 +172,21 @@ def test_own_folder_with_default_params(tmp_path, image_folder):
     metrics = json.loads((repo / "metrics" / "evaluate.json").read_text())
     # Class-dependent colours and patterns: a pretrained backbone separates them easily.
     assert metrics["head"]["accuracy"] >= 0.8, metrics
+
+
+def test_a_data_dir_with_spaces_and_shell_syntax_reaches_the_stage_as_it_is(tmp_path, image_folder):
+    """dvc.yaml passes ${data.dir} single-quoted: a folder name with spaces, $(...) and
+    backticks reaches the stage as one argument, through `dvc exp run -S`, and runs nothing."""
+    repo = make_repo(tmp_path, image_folder, FAST)
+    weird = "data/my images $(touch PWNED) `touch PWNED2`"
+    shutil.copytree(repo / "data" / "raw", repo / weird)
+    run(repo, "dvc", "add", "-q", weird)
+    run(repo, "git", "add", "-A")
+    run(repo, "git", "commit", "-q", "-m", "images in an awkwardly named folder")
+    # -S takes Hydra's override grammar: a value with spaces or parentheses is quoted there.
+    output = run(repo, "dvc", "exp", "run", "-S", f"data.dir='{weird}'", "prepare")
+    assert ran_stages(output) == {"prepare"}
+    assert not list(tmp_path.rglob("PWNED*")), "the shell ran part of the folder name"
+    report = json.loads((repo / "data" / "prepared" / "report.json").read_text())
+    assert report["data_dir"] == weird
+    assert report["num_images"] == len([p for p in image_folder.rglob("*") if p.is_file()])

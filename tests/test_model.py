@@ -12,17 +12,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from headstart.backbones import build_backbone, load_state_dict_file
+from headstart.checkpoints import load_checkpoint, save_checkpoint
 from headstart.heads import fit_logreg
 from headstart.inference import cache_activations, run_inference
-from headstart.io import (
-    ArrayWriter,
-    atomic_path,
-    load_checkpoint,
-    open_array,
-    save_checkpoint,
-    write_array,
-    write_json,
-)
+from headstart.io import ArrayWriter, atomic_path, open_array, write_array, write_json
 from headstart.model import (
     Classifier,
     load_classifier,
@@ -398,7 +391,13 @@ def test_fit_logreg_head_takes_raw_features():
 def test_head_checkpoint_round_trip(tmp_path):
     torch.manual_seed(0)
     head = nn.Linear(16, NUM_CLASSES)
-    meta = {"kind": "head", "in_features": 16, "classes": ["bird", "cat", "dog"]}
+    preprocessing = {"image_size": 32, "mean": [0.5] * 3, "std": [0.25] * 3}
+    meta = {
+        "kind": "head",
+        "in_features": 16,
+        "classes": ["bird", "cat", "dog"],
+        "features_meta": {"num_features": 16, **preprocessing},
+    }
     save_checkpoint(tmp_path / "head.pt", head.state_dict(), meta)
     loaded, loaded_meta = load_head(tmp_path / "head.pt")
     assert loaded_meta == meta
@@ -411,7 +410,15 @@ def test_head_checkpoint_round_trip(tmp_path):
 def test_classifier_checkpoint_round_trip(tmp_path):
     torch.manual_seed(0)
     model = Classifier(build_backbone("mobilenet_v3_small", "none"), NUM_CLASSES).eval()
-    meta = {"kind": "classifier", "backbone": "mobilenet_v3_small", "classes": ["a", "b", "c"]}
+    meta = {
+        "kind": "classifier",
+        "backbone": "mobilenet_v3_small",
+        "num_features": model.backbone.num_features,
+        "classes": ["a", "b", "c"],
+        "image_size": 32,
+        "mean": [0.5] * 3,
+        "std": [0.25] * 3,
+    }
     save_checkpoint(tmp_path / "model.pt", model.state_dict(), meta)
     torch.manual_seed(1)  # the rebuilt model starts from other random weights
     loaded, loaded_meta = load_classifier(tmp_path / "model.pt")
@@ -424,7 +431,7 @@ def test_classifier_checkpoint_round_trip(tmp_path):
 def test_checkpoint_kind_is_checked(tmp_path):
     head = nn.Linear(4, 2)
     save_checkpoint(tmp_path / "head.pt", head.state_dict(), {"kind": "head"})
-    with pytest.raises(ValueError, match="not a fine-tuned classifier"):
+    with pytest.raises(ValueError, match="not a classifier checkpoint"):
         load_classifier(tmp_path / "head.pt")
     with pytest.raises(FileNotFoundError, match="missing.pt"):
         load_head(tmp_path / "missing.pt")

@@ -299,7 +299,9 @@ def test_extract_is_byte_identical_across_runs(
     tmp_path, monkeypatch, image_folder, params_dict, write_params
 ):
     monkeypatch.chdir(tmp_path)
-    params_dict["backbone"]["weights"] = str(_save_random_lite0(tmp_path / "lite0.pth"))
+    (tmp_path / "pretrained").mkdir()
+    _save_random_lite0(tmp_path / "pretrained" / "lite0.pth")
+    params_dict["backbone"]["weights"] = "pretrained/lite0.pth"
     write_params(tmp_path, params_dict)
     load_stage("prepare").main(["images", "prepared", "data.json"])
     extract = load_stage("extract")
@@ -513,9 +515,9 @@ def test_finetune_function_runs_either_path_to_the_same_model(pipeline, params_d
     caching is refused where it would drop the augmentation."""
     import dataclasses
 
+    from headstart.checkpoints import load_checkpoint
     from headstart.finetuning import finetune
     from headstart.index import load_prepared
-    from headstart.io import load_checkpoint
     from headstart.params import parse_params
 
     params = parse_params(params_dict)

@@ -29,6 +29,7 @@ from torch import nn
 
 from headstart.errors import ArtifactError, MissingFileError, ParamsError
 from headstart.io import sha256_file
+from headstart.schemas import load_weights
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +110,7 @@ def _build_efficientnet_lite0(weights: str) -> Backbone:
     net = EfficientNet.from_name("efficientnet-lite0", image_size=None)
     if weights != "none":
         path = _lite_weights_file() if weights == "pretrained" else Path(weights)
-        net.load_state_dict(load_state_dict_file(path))
+        load_weights(path, net, load_state_dict_file(path), "backbone.name efficientnet_lite0")
     # Group the 16 MBConv blocks into their 7 stages (a stage starts where the width changes).
     stages: list[list[nn.Module]] = []
     previous_width = None
@@ -138,9 +139,10 @@ def _torchvision_model(name: str, weights: str) -> nn.Module:
     if weights == "pretrained" or "_Weights." in weights:
         enum = torchvision.models.get_model_weights(name)
         entry = enum.DEFAULT if weights == "pretrained" else _weights_entry(enum, weights)
-        model.load_state_dict(_download_state_dict(entry))
+        model.load_state_dict(_download_state_dict(entry))  # torchvision's own, made for it
     else:
-        model.load_state_dict(load_state_dict_file(Path(weights)))
+        path = Path(weights)
+        load_weights(path, model, load_state_dict_file(path), f"backbone.name {name}")
     return model
 
 

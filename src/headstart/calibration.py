@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from headstart.errors import ArtifactError
-from headstart.io import read_json, sha256_file
+from headstart.io import sha256_file
+from headstart.schemas import check_calibration_record, read_json_file
 
 log = logging.getLogger(__name__)
 
@@ -189,16 +190,13 @@ def calibration_record(
 
 def read_temperature(calibration_file: Path, model_path: Path) -> float:
     """The temperature in `calibration_file`, checked to belong to `model_path`."""
-    record = read_json(calibration_file)
-    if not isinstance(record, dict) or record.get("format") != CALIBRATION_FORMAT:
-        raise ArtifactError(f"{calibration_file}: not a headstart calibration file")
-    expected = record.get("model", {}).get("sha256")
+    record = check_calibration_record(
+        calibration_file, read_json_file(calibration_file), CALIBRATION_FORMAT
+    )
+    expected = record["model"]["sha256"]
     if expected != sha256_file(model_path):
         raise ArtifactError(
             f"{calibration_file}: was fitted for another version of {model_path}; "
             "rerun evaluate (dvc repro) or pass --calibration none"
         )
-    temperature = float(record["temperature"])
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ArtifactError(f"{calibration_file}: temperature must be > 0, got {temperature}")
-    return temperature
+    return float(record["temperature"])

@@ -8,7 +8,8 @@
 
 Exit codes: 0 all inputs predicted, 1 some input failed (each is reported with its reason),
 2 the command could not run (bad arguments, a missing or unusable model or calibration file,
-an output that cannot be written): one line on stderr, no traceback.
+an output that cannot be written): one line on stderr, no traceback; 3 a bug in headstart
+(the traceback is printed); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import argparse
 import json
 import logging
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,7 @@ from headstart.errors import HeadstartError, UsageError
 log = logging.getLogger("headstart.cli")
 
 USAGE_ERROR = 2
+INTERNAL_ERROR = 3
 
 
 def _load_model(path: Path):
@@ -155,6 +158,8 @@ def _flatten(prefix: str, value: Any) -> list[tuple[str, Any]]:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from headstart.io import printable
+
     info = model_info(args.model)
     if args.format == "json":
         sys.stdout.write(json.dumps(info, indent=2, ensure_ascii=False) + "\n")
@@ -167,18 +172,20 @@ def cmd_info(args: argparse.Namespace) -> int:
             lines.append(f"classes: {', '.join(value)}")
         else:
             lines.append(f"{key}: {value}")
-    sys.stdout.write("\n".join(lines) + "\n")
+    # For a terminal: control characters in class names or paths are shown escaped.
+    sys.stdout.write("\n".join(printable(line) for line in lines) + "\n")
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from headstart.export import EXPORT_FORMATS
+    from headstart.calibration import calibration_path
+    from headstart.export import EXPORT_FORMATS, export_paths
     from headstart.io import write_bytes, write_json
 
-    out: Path = args.out
-    side = out.with_suffix(".json")
-    if side == out:
-        raise UsageError(f"{out}: the sidecar would overwrite the export; use e.g. model.pt")
+    inputs = [args.model, calibration_path(args.model)]
+    if args.calibration not in ("auto", "none"):
+        inputs.append(Path(args.calibration))
+    out, side = export_paths(args.out, inputs)
     _load_model(args.model)  # a usage error (exit 2) for a missing or unusable model file
     temperature = resolve_temperature(args.model, args.calibration)
     data, description = EXPORT_FORMATS[args.format](args.model, temperature)
@@ -268,6 +275,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("headstart: interrupted", file=sys.stderr)
         return 130
+    except Exception:  # a bug: its traceback, and a code no input problem gives
+        traceback.print_exc()
+        print("headstart: internal error (the traceback above); please report it", file=sys.stderr)
+        return INTERNAL_ERROR
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ import errno
 
 # Errors that mean "the disk (or the user's quota) is full": the fix is the same.
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# Errors that mean "this output may not be written here" (permissions, a read-only mount).
+OUTPUT_DENIED_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
 class HeadstartError(Exception):
@@ -43,6 +45,18 @@ class DiskFullError(HeadstartError, OSError):
 
     def __str__(self) -> str:
         return f"{self.filename}: {self.strerror}"
+
+
+class OutputError(HeadstartError, OSError):
+    """An output may not be written (permissions, a read-only file system); `filename` is the
+    output, never a temp file."""
+
+    def __str__(self) -> str:
+        return f"{self.filename}: {self.strerror}"
+
+
+class NonFiniteError(HeadstartError, ValueError):
+    """A number to be written to a JSON output is NaN or infinite (training diverged)."""
 
 
 class UsageError(HeadstartError, ValueError):

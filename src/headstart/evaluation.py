@@ -27,7 +27,6 @@ from headstart.errors import DataError
 from headstart.figures import confusion_png, image_grid_png
 from headstart.images import decode_image
 from headstart.inference import run_inference
-from headstart.io import read_array, read_json
 from headstart.loaders import image_loader
 from headstart.metrics import (
     classification_report,
@@ -40,6 +39,7 @@ from headstart.metrics import (
 from headstart.model import load_classifier, load_head
 from headstart.report import data_fingerprint, render_model_card
 from headstart.runtime import resolve_device, set_threads
+from headstart.schemas import read_checked_array, read_json_file
 from headstart.transforms import eval_transform
 
 if TYPE_CHECKING:
@@ -93,8 +93,14 @@ def evaluate(
                 f"has {classes}; rerun the pipeline (dvc repro)"
             )
 
-    test_x = torch.from_numpy(read_array(features_dir / "test_features.npy"))
-    test_y = read_array(features_dir / "test_labels.npy")
+    features_meta = read_json_file(features_dir / "meta.json")
+    test_x = torch.from_numpy(read_checked_array(features_dir, "test_features.npy", features_meta))
+    test_y = read_checked_array(features_dir, "test_labels.npy", features_meta)
+    if test_x.ndim != 2 or test_x.shape[1] != head.in_features or test_y.shape != (len(test_x),):
+        raise DataError(
+            f"{features_dir}: test features {tuple(test_x.shape)} do not fit {head_model} "
+            f"({head.in_features} features an image); rerun the pipeline (dvc repro)"
+        )
     with torch.inference_mode():
         head_logits = head(test_x).numpy()  # (N, num_classes)
     head_pred = head_logits.argmax(1)
@@ -155,7 +161,7 @@ def evaluate(
     )
     # Which machine and software computed each step of this result (see headstart.environment).
     environment = {
-        "extract": read_json(features_dir / "meta.json").get("environment"),
+        "extract": features_meta.get("environment"),
         "train_head": head_meta.get("environment"),
         "finetune": meta.get("environment"),
         "evaluate": describe(torch_device),

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
+import os
 import warnings
 import zipfile
 from pathlib import Path
@@ -20,7 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from headstart.errors import ArtifactError, UsageError
 from headstart.model import Classifier
+from headstart.schemas import archive_kind
 
 log = logging.getLogger(__name__)
 
@@ -113,9 +117,14 @@ def to_torchscript(model: Classifier, meta: dict[str, Any], temperature: float =
         with torch.inference_mode():
             expected = inner(example)
             got = scripted(example)
+    if not torch.isfinite(expected).all():
+        raise ArtifactError(
+            "the model returns non-finite probabilities on a test image: its weights or its "
+            "normalisation (mean, std) are broken; rerun finetune"
+        )
     difference = (expected - got).abs().max().item()
-    if difference > 1e-5:
-        raise ValueError(
+    if not difference <= 1e-5:  # NaN compares false
+        raise ArtifactError(
             f"TorchScript export differs from the model by {difference:.2e}; "
             "this backbone does not trace faithfully"
         )
@@ -174,6 +183,41 @@ def export_torchscript(model_path: Path, temperature: float = 1.0) -> tuple[byte
     description["model_sha256"] = hashlib.sha256(data).hexdigest()
     description["source"] = {"path": str(model_path), "sha256": sha256_file(model_path)}
     return data, description
+
+
+def export_paths(out: Path, inputs: list[Path]) -> tuple[Path, Path]:
+    """(the export, its sidecar beside it) for OUT. Refused with a UsageError: a name whose
+    export or sidecar would overwrite one of `inputs` (the checkpoint, its calibration), or a
+    checkpoint or calibration file headstart wrote; an earlier export may be replaced."""
+    sidecar = out.with_suffix(".json")
+    if sidecar == out:
+        raise UsageError(f"{out}: needs a suffix other than .json (the sidecar's)")
+    protected = {os.path.realpath(path): path for path in inputs}
+    for target in (out, sidecar):
+        real = os.path.realpath(target)
+        if real in protected:
+            raise UsageError(
+                f"{target} would overwrite the input {protected[real]}; choose another output name"
+            )
+        if _is_checkpoint_or_calibration(Path(real)):
+            raise UsageError(
+                f"{target} is a headstart checkpoint or calibration file, not an export; "
+                "choose another output name"
+            )
+    return out, sidecar
+
+
+def _is_checkpoint_or_calibration(path: Path) -> bool:
+    """A torch.save archive (not a TorchScript export), or calibration JSON."""
+    if archive_kind(path) == "checkpoint":
+        return True
+    if path.is_file() and path.suffix == ".json" and path.stat().st_size < 1 << 20:
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return False
+        return isinstance(record, dict) and {"format", "temperature", "model"} <= set(record)
+    return False
 
 
 # headstart export --format: format name -> (checkpoint path, temperature) -> (bytes, sidecar).

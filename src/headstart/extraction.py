@@ -23,7 +23,7 @@ from headstart.backbones import BACKBONES, build_backbone
 from headstart.environment import describe
 from headstart.folders import SPLITS
 from headstart.inference import iter_inference
-from headstart.io import ArrayWriter, atomic_dir, write_json
+from headstart.io import ArrayWriter, atomic_dir, sha256_file, write_json
 from headstart.loaders import image_loader
 from headstart.runtime import precision_name, resolve_device, resolve_precision, set_threads
 from headstart.transforms import eval_transform, resolve_image_size
@@ -92,6 +92,9 @@ def extract_features(
                 collections.deque(batches, maxlen=0)  # run and send this rank's share
                 return
             write_by_split(batches, out, parts, backbone.num_features)
+            # Each file's sha256, which every reader checks: DVC trusts its own cache, so a byte
+            # flipped there would otherwise be consumed without a word.
+            files = {path.name: sha256_file(path) for path in sorted(out.glob("*.npy"))}
             write_json(
                 out / "meta.json",
                 {
@@ -102,6 +105,7 @@ def extract_features(
                     "num_features": backbone.num_features,
                     "classes": prepared.classes,
                     "environment": describe(device, precision, world.size),
+                    "files": files,
                 },
             )
 

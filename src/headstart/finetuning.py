@@ -189,6 +189,7 @@ def finetune(
                 on_epoch=live_logger(live) if live else None,
                 desc="finetune",
                 batch_size_key="finetune.batch_size",
+                lr_keys="finetune.lr_head and finetune.lr_backbone",
                 precision=precision,
             )
             if live:

@@ -4,6 +4,8 @@ with a reason.
 An ImageFolder is `<root>/<class>/<image>`; images in sub-folders of a class folder belong to
 that class. A pre-split layout, `<root>/<train|val|test>/<class>/<image>`, keeps its splits.
 Links are followed only inside data.dir; hidden and system files are never classes or samples.
+Only regular files are opened (a FIFO would block prepare forever), and a name that is not
+valid UTF-8 cannot be written to the index: both are skipped with their reason.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from headstart.errors import DataError, MissingFileError
-from headstart.images import UnusableImage, decode_image
-from headstart.io import sha256_file
+from headstart.images import MAX_ASPECT_RATIO, UnusableImage, check_regular, decode_image
+from headstart.io import is_utf8, printable, sha256_file, utf8_safe
 
 # Never classes, never samples: OS and tool droppings (plus every name starting with a dot).
 SYSTEM_NAMES = frozenset({"Thumbs.db", "desktop.ini", "__MACOSX"})
@@ -31,6 +33,9 @@ SKIP_REASONS = {
     "unreadable": "image extension, but the file does not decode",
     "truncated": "image data ends early (partial download or copy)",
     "too_large": "more pixels than Pillow's decompression-bomb limit",
+    "extreme_aspect": f"long side more than {MAX_ASPECT_RATIO}x the short side",
+    "not_regular": "not a regular file (FIFO, socket or device)",
+    "unencodable_name": "file name is not valid UTF-8; rename it",
     "root_file": "file directly in data.dir, outside any class folder",
     "link_outside": "symbolic link to a path outside data.dir",
     "link_dangling": "symbolic link to nothing",
@@ -56,6 +61,12 @@ class Skipped:
     path: str
     reason: str  # a key of SKIP_REASONS
     detail: str = ""
+
+    def __post_init__(self):
+        # report.json is UTF-8: bytes of a name that are not (unencodable_name, or a link's
+        # target) are kept as \xNN escapes, so the report can always be written.
+        object.__setattr__(self, "path", utf8_safe(self.path))
+        object.__setattr__(self, "detail", utf8_safe(self.detail))
 
 
 @dataclass
@@ -95,14 +106,20 @@ class _Walker:
     def relative(self, path: Path) -> str:
         return path.relative_to(self.root).as_posix()
 
-    def skip_tree(self, path: Path, reason: str) -> None:
+    def skip_tree(self, path: Path, reason: str, detail: str = "") -> None:
         """Skip a file, or every file below a folder (without following links)."""
         if path.is_dir() and not path.is_symlink():
             for dirpath, _, filenames in os.walk(path):
                 for name in sorted(filenames):
-                    self.skipped.append(Skipped(self.relative(Path(dirpath) / name), reason))
+                    relative = self.relative(Path(dirpath) / name)
+                    self.skipped.append(Skipped(relative, reason, detail))
         else:
-            self.skipped.append(Skipped(self.relative(path), reason))
+            self.skipped.append(Skipped(self.relative(path), reason, detail))
+
+    def skip_unencodable(self, path: Path) -> None:
+        """A file, or every file below a folder, whose name is not valid UTF-8: it cannot be
+        written to index.csv (nor, for a class folder, to classes.json)."""
+        self.skip_tree(path, "unencodable_name", f"{os.fsencode(path.name)!r} is not valid UTF-8")
 
     def top_level_link(self, path: Path) -> Skipped:
         """Why a symbolic link where a class (or split) folder is expected is not followed."""
@@ -128,6 +145,9 @@ class _Walker:
             if is_hidden(entry.name):
                 self.skip_tree(path, "hidden")
                 continue
+            if not is_utf8(entry.name):
+                self.skip_unencodable(path)
+                continue
             is_link = entry.is_symlink()
             if is_link and not path.exists():
                 self.skipped.append(
@@ -144,6 +164,11 @@ class _Walker:
                     continue
                 self._walk(path, label, given_split, via_link or is_link, active | {real})
             else:
+                try:
+                    check_regular(path)  # never opened otherwise: a FIFO would block prepare
+                except UnusableImage as error:
+                    self.skipped.append(Skipped(self.relative(path), error.reason, error.detail))
+                    continue
                 self.candidates.append(
                     _Candidate(path, self.relative(path), label, given_split, via_link or is_link)
                 )
@@ -162,7 +187,11 @@ def index_image_folder(root: Path) -> FolderIndex:
         )
     walker = _Walker(root)
     top = sorted(os.scandir(root), key=lambda e: e.name)
-    folders = {e.name for e in top if e.is_dir() and not e.is_symlink() and not is_hidden(e.name)}
+    folders = {
+        e.name
+        for e in top
+        if e.is_dir() and not e.is_symlink() and not is_hidden(e.name) and is_utf8(e.name)
+    }
     presplit = "train" in folders and folders <= set(SPLITS)
     class_folders: list[tuple[Path, str | None]] = []
 
@@ -171,6 +200,8 @@ def index_image_folder(root: Path) -> FolderIndex:
             path = Path(entry.path)
             if is_hidden(entry.name):
                 walker.skip_tree(path, "hidden")
+            elif not is_utf8(entry.name):  # not a class name classes.json could hold
+                walker.skip_unencodable(path)
             elif entry.is_symlink():
                 # A class is a real folder: a link here would name a second class for the
                 # same images (or loop), so it is reported and not followed.
@@ -191,7 +222,8 @@ def index_image_folder(root: Path) -> FolderIndex:
     if len(classes) < 2:
         raise DataError(
             f"{root}: expected one sub-folder per class, found {len(classes)} "
-            f"({', '.join(classes) or 'none'}); a classifier needs at least two classes"
+            f"({', '.join(map(printable, classes)) or 'none'}); a classifier needs at least two "
+            "classes"
         )
     for folder, given_split in class_folders:
         walker.walk_class(folder, unicodedata.normalize("NFC", folder.name), given_split)

@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 from headstart.errors import DataError
-from headstart.io import read_array, read_json
 from headstart.loaders import tensor_batches
 from headstart.runtime import seed_everything
+from headstart.schemas import check_features_meta, read_checked_array, read_json_file
 from headstart.train import fit
 
 if TYPE_CHECKING:
@@ -48,12 +48,31 @@ class Features:
 
 def read_features(features_dir: Path) -> Features:
     """The train and val features and labels that extract wrote to `features_dir`."""
-    arrays = [
-        read_array(features_dir / f"{split}_{part}.npy")
-        for split in ("train", "val")
-        for part in ("features", "labels")
-    ]
-    return Features(*arrays, meta=read_json(features_dir / "meta.json"))
+    meta_file = features_dir / "meta.json"
+    meta = check_features_meta(meta_file, read_json_file(meta_file))
+    arrays = []
+    for split in ("train", "val"):
+        x, y = (
+            read_checked_array(features_dir, f"{split}_{part}.npy", meta)
+            for part in ("features", "labels")
+        )
+        if x.ndim != 2 or x.shape[1] != meta["num_features"] or y.shape != (len(x),):
+            raise DataError(
+                f"{features_dir}: {split} features {x.shape} and labels {y.shape} do not fit "
+                f"{meta['num_features']} features an image; rerun extract (dvc repro -f extract)"
+            )
+        if not np.isfinite(x).all():
+            raise DataError(
+                f"{features_dir}: {split} features hold NaN or inf; the backbone's output "
+                "overflowed or the file is damaged: rerun extract (dvc repro -f extract)"
+            )
+        if len(y) and not (0 <= y.min() and y.max() < len(meta["classes"])):
+            raise DataError(
+                f"{features_dir}: {split} labels outside the {len(meta['classes'])} classes; "
+                "rerun extract (dvc repro -f extract)"
+            )
+        arrays += [x, y]
+    return Features(*arrays, meta=meta)
 
 
 def train_linear(
@@ -85,6 +104,7 @@ def train_linear(
         on_epoch=on_epoch,
         desc="head",
         batch_size_key="head.batch_size",
+        lr_keys="head.lr",
     )
     return head, {"best_epoch": result.best_epoch, "best_val_accuracy": result.best_val_accuracy}
 

@@ -4,18 +4,24 @@ prepare and the data loaders decode through the same function, so an image that 
 prepare decodes the same way in every later stage. Pillow's pitfalls handled here: `verify()`
 misses truncated files (we decode fully), `convert("RGB")` clips 16-bit images (we scale),
 transparent pixels keep hidden colours (we composite on white), EXIF orientation is not applied
-on open (we apply it), and decompression bombs only warn (we refuse them).
+on open (we apply it), and decompression bombs only warn (we refuse them). Two more refusals
+keep one file from stalling or exhausting a run: anything but a regular file (a FIFO would
+block the open forever) and extreme aspect ratios (see MAX_ASPECT_RATIO).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from headstart.io import printable
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +45,14 @@ IMAGE_EXTENSIONS = frozenset(
         ".ico",
     }
 )
+
+
+# The most the long side may exceed the short side by. Every later stage resizes the short side
+# to the input size (224 px and more): a 400000x1 strip, only 0.4 megapixels and far below
+# Pillow's bomb limit, would become 400000 * 224 x 224 pixels, tens of GB. 50x keeps the worst
+# resized image (11200 x 224 at 224 px) near the size of an ordinary photo; real photos and
+# scans, panoramas included, stay well inside it.
+MAX_ASPECT_RATIO = 50
 
 
 class UnusableImage(Exception):
@@ -70,6 +84,7 @@ def decode_image(path: Path, min_side: int | None = None) -> Decoded:
     # files with grey instead of failing: refuse truncated data here regardless.
     allow_truncated, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
     try:
+        check_regular(path)
         return _decode(path, min_side)
     except UnusableImage as error:
         if error.reason == "unreadable" and path.suffix.lower() not in IMAGE_EXTENSIONS:
@@ -79,6 +94,40 @@ def decode_image(path: Path, min_side: int | None = None) -> Decoded:
         ImageFile.LOAD_TRUNCATED_IMAGES = allow_truncated
 
 
+def _file_kind(mode: int) -> str:
+    for test, kind in (
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def check_regular(path: Path) -> None:
+    """Refuse, without opening it, anything but a regular file (links followed): opening a FIFO
+    blocks until something writes to it, a device may never end."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as error:
+        raise UnusableImage("unreadable", f"{type(error).__name__}: {error}") from error
+    if not stat.S_ISREG(mode):
+        raise UnusableImage("not_regular", f"{_file_kind(mode)}, not a regular file")
+
+
+def _check_aspect(image: Image.Image) -> None:
+    width, height = image.size
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise UnusableImage(
+            "extreme_aspect",
+            f"{width}x{height} pixels: the long side is more than {MAX_ASPECT_RATIO}x the "
+            "short side, too extreme to resize; crop it",
+        )
+
+
 def _decode(path: Path, min_side: int | None) -> Decoded:
     with warnings.catch_warnings():
         # Above Image.MAX_IMAGE_PIXELS (Pillow's ~89 megapixels) Pillow only warns until 2x;
@@ -86,6 +135,7 @@ def _decode(path: Path, min_side: int | None) -> Decoded:
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             with Image.open(path) as image:
+                _check_aspect(image)  # from the header: before any pixel is decoded
                 mode = image.mode
                 frames = int(getattr(image, "n_frames", 1))
                 if min_side is not None and image.format == "JPEG":
@@ -106,7 +156,11 @@ def _apply_exif_orientation(image: Image.Image, path: Path) -> tuple[Image.Image
     try:
         return ImageOps.exif_transpose(image), False
     except Exception as error:  # malformed EXIF takes many forms; counted in the data report
-        log.warning("%s: unreadable EXIF orientation (%s); using the image as stored", path, error)
+        log.warning(
+            "%s: unreadable EXIF orientation (%s); using the image as stored",
+            printable(str(path)),
+            printable(str(error)),
+        )
         return image, True
 
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from headstart.errors import DataError
 from headstart.folders import SKIP_REASONS, SPLITS, index_image_folder
-from headstart.io import read_json
+from headstart.io import printable, read_json
 from headstart.splits import assign_splits
 
 log = logging.getLogger(__name__)
@@ -225,12 +225,13 @@ SUMMARY_ROWS = 30
 
 
 def summary(report: dict) -> None:
-    """Log the counts per class and split, and what was skipped, for the person running prepare."""
-    width = min(max(len(c) for c in report["counts"]), 40) + 2
+    """Log the counts per class and split, and what was skipped, for the person running prepare.
+    Class names are shown with control characters escaped (io.printable)."""
+    width = min(max(len(printable(c)) for c in report["counts"]), 40) + 2
     lines = [f"{'class':<{width}}" + "".join(f"{s:>8}" for s in SPLITS)]
     shown = list(report["counts"].items())
     for label, counts in shown[:SUMMARY_ROWS]:
-        lines.append(f"{label:<{width}}" + "".join(f"{counts[s]:>8}" for s in SPLITS))
+        lines.append(f"{printable(label):<{width}}" + "".join(f"{counts[s]:>8}" for s in SPLITS))
     if len(shown) > SUMMARY_ROWS:
         lines.append(f"... {len(shown) - SUMMARY_ROWS} more classes (see report.json)")
     lines.append(f"{'total':<{width}}" + "".join(f"{report['splits'][s]:>8}" for s in SPLITS))

@@ -14,6 +14,7 @@ from torch import nn
 
 from headstart.backbones import Backbone
 from headstart.errors import ArtifactError, ParamsError
+from headstart.schemas import archive_kind, check_classifier_meta, check_head_meta, load_weights
 
 log = logging.getLogger(__name__)
 
@@ -150,25 +151,26 @@ def param_groups(
 def load_classifier(path) -> tuple[Classifier, dict]:
     """Rebuild a fine-tuned Classifier from its checkpoint (architecture from the metadata)."""
     from headstart.backbones import build_backbone
-    from headstart.io import load_checkpoint
+    from headstart.checkpoints import load_checkpoint
 
-    state, meta = load_checkpoint(path)
-    if meta.get("kind") != "classifier":
+    if archive_kind(path) == "torchscript":
         raise ArtifactError(
-            f"{path}: not a fine-tuned classifier checkpoint (kind {meta.get('kind')!r})"
+            f"{path}: this is a TorchScript export (what headstart export writes); pass the "
+            "checkpoint it was made from, e.g. models/finetuned.pt"
         )
+    state, meta = load_checkpoint(path)
+    meta = check_classifier_meta(path, meta)
     model = Classifier(build_backbone(meta["backbone"], "none"), len(meta["classes"]))
-    model.load_state_dict(state)
+    load_weights(path, model, state)
     return model.eval(), meta
 
 
 def load_head(path) -> tuple[nn.Linear, dict]:
     """Rebuild the linear head trained on cached features."""
-    from headstart.io import load_checkpoint
+    from headstart.checkpoints import load_checkpoint
 
     state, meta = load_checkpoint(path)
-    if meta.get("kind") != "head":
-        raise ArtifactError(f"{path}: not a head checkpoint (kind {meta.get('kind')!r})")
+    meta = check_head_meta(path, meta)
     head = nn.Linear(meta["in_features"], len(meta["classes"]))
-    head.load_state_dict(state)
+    load_weights(path, head, state)
     return head.eval(), meta

@@ -13,9 +13,11 @@ the string PyYAML's YAML 1.1 rules give): no tags that construct Python objects.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
+import unicodedata
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,9 @@ __all__ = ["ParamsError", "Params", "load_params", "parse_params", "params_refer
 
 # YAML 1.2 floats, for values that arrive as strings (e.g. from a hand-built mapping).
 _FLOAT_1_2 = re.compile(r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?$")
+
+# Learning rates above this are typos (AdamW steps by about lr per step), and overflow float32.
+MAX_LR = 10.0
 
 # Keys that moved: old key -> new key. Refused with an error naming the new one.
 RENAMED = {"compute.batch_size": "inference.batch_size"}
@@ -71,6 +76,19 @@ class DataParams:
             "keep the sum below 0.9",
         )
         _check(bool(self.dir.strip()), "data.dir", "must name an ImageFolder directory")
+        # dvc.yaml passes data.dir to the stages single-quoted: a quote would end the quoting.
+        unsafe = [c for c in self.dir if c == "'" or unicodedata.category(c) == "Cc"]
+        _check(
+            not unsafe,
+            "data.dir",
+            f"{self.dir!r} holds {ascii(unsafe[0]) if unsafe else ''}, which the stage commands "
+            "cannot pass on; rename the folder without quotes or control characters",
+        )
+        _check(
+            not self.dir.startswith("-"),
+            "data.dir",
+            "must not start with '-' (it would read as an option); prefix it with ./",
+        )
 
 
 @dataclass(frozen=True)
@@ -81,8 +99,8 @@ class BackboneParams:
     weights: str = _doc(
         "`pretrained` (ImageNet weights: shipped for efficientnet_lite0, downloaded by "
         "torchvision otherwise) | `none` (random init, for smoke tests) | a torchvision weights "
-        "enum such as `ResNet50_Weights.IMAGENET1K_V2` | the path of a local state-dict file "
-        "such as `pretrained/resnet50.pth`."
+        "enum such as `ResNet50_Weights.IMAGENET1K_V2` | a local state-dict file under "
+        "`pretrained/` (a DVC dependency), such as `pretrained/resnet50.pth`."
     )
     image_size: int | str = _doc(
         "Input pixels (square), 32 to 1024, or `auto`: from the data's median short side (4x "
@@ -96,6 +114,17 @@ class BackboneParams:
             "backbone.name",
             f"unknown backbone {self.name!r}; known: {', '.join(sorted(BACKBONES))}",
         )
+        if self.weights not in ("pretrained", "none") and "_Weights." not in self.weights:
+            # A file: extract and finetune depend on pretrained/ in dvc.yaml, so a file
+            # elsewhere could change without DVC rerunning them.
+            parts = Path(self.weights).parts
+            _check(
+                len(parts) >= 2 and parts[0] == "pretrained" and ".." not in parts,
+                "backbone.weights",
+                f"{self.weights!r}: a weights file must be under pretrained/ (a DVC dependency of "
+                "extract and finetune); copy it there and set backbone.weights to "
+                "pretrained/<file>",
+            )
         if isinstance(self.image_size, str):
             _check(self.image_size == "auto", "backbone.image_size", "must be 'auto' or pixels")
         else:
@@ -173,7 +202,7 @@ class HeadParams:
 
     def validate(self) -> None:
         _check(self.kind in HEADS, "head.kind", f"must be one of {', '.join(HEADS)}")
-        _check(self.lr > 0, "head.lr", "must be > 0")
+        _check(0 < self.lr <= MAX_LR, "head.lr", f"must be in (0, {MAX_LR:g}]")
         _check(self.weight_decay >= 0, "head.weight_decay", "must be >= 0")
         _check(self.epochs >= 1, "head.epochs", "must be >= 1")
         _check(self.batch_size >= 1, "head.batch_size", "must be >= 1")
@@ -210,8 +239,10 @@ class FinetuneParams:
 
     def validate(self) -> None:
         _check(self.unfreeze >= 0, "finetune.unfreeze", "must be >= 0 (0 trains the head only)")
-        _check(self.lr_head > 0, "finetune.lr_head", "must be > 0")
-        _check(self.lr_backbone > 0, "finetune.lr_backbone", "must be > 0")
+        _check(0 < self.lr_head <= MAX_LR, "finetune.lr_head", f"must be in (0, {MAX_LR:g}]")
+        _check(
+            0 < self.lr_backbone <= MAX_LR, "finetune.lr_backbone", f"must be in (0, {MAX_LR:g}]"
+        )
         _check(self.weight_decay >= 0, "finetune.weight_decay", "must be >= 0")
         _check(self.epochs >= 1, "finetune.epochs", "must be >= 1")
         _check(self.batch_size >= 1, "finetune.batch_size", "must be >= 1")
@@ -263,9 +294,9 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         if option is int and isinstance(value, int) and not isinstance(value, bool):
             return value
         if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            return _finite(float(value), key)
         if option is float and isinstance(value, str) and _FLOAT_1_2.match(value.strip()):
-            return float(value)
+            return _finite(float(value), key)
         if option is str and isinstance(value, str):
             return value
     names = " or ".join(getattr(o, "__name__", str(o)) for o in options)
@@ -273,6 +304,13 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         f"params.yaml: {key}: expected {names}, got {type(value).__name__} {value!r}"
         + (" (write floats as 1.0e-3)" if float in options else "")
     )
+
+
+def _finite(value: float, key: str) -> float:
+    """Refuse inf and nan: `x > 0` holds for inf, and a run would "succeed" with NaN weights."""
+    if not math.isfinite(value):
+        raise ParamsError(f"params.yaml: {key}: must be a finite number, got {value}")
+    return value
 
 
 def _check_keys(raw: dict, expected: list[str], kind: str, prefix: str) -> None:

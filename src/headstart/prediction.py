@@ -1,11 +1,15 @@
 """Prediction on new image files: preprocessing from the checkpoint's metadata, images decoded
 by the same function as in training, so predictions match what evaluate measured. A file that
 cannot be used is reported with its reason and the rest are still predicted.
+
+The table and the warnings show names with control characters escaped (io.printable); CSV and
+JSON keep the true values (CSV through io.csv_text, so any name reads back). A name that is not
+valid UTF-8 cannot be written to either: such a file is reported (unencodable_name), not
+predicted.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import os
@@ -15,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from headstart.folders import is_hidden
+from headstart.io import csv_text, is_utf8, printable, utf8_safe
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +32,8 @@ class Prediction:
     path: str
     classes: list[str] = field(default_factory=list)  # best first
     probabilities: list[float] = field(default_factory=list)
-    reason: str | None = None  # an UnusableImage reason code (or not_found) when it failed
+    # An UnusableImage reason code (or not_found, unencodable_name) when it failed.
+    reason: str | None = None
     detail: str = ""
 
     @property
@@ -73,12 +79,14 @@ class _InputDataset:
         from headstart.images import UnusableImage, decode_image
 
         path = self.paths[index]
-        if not path.is_file():
+        if not is_utf8(str(path)):
+            return index, None, "unencodable_name", "file name is not valid UTF-8; rename it"
+        if not path.exists():
             return index, None, "not_found", "no such file"
-        try:
+        try:  # a FIFO, socket or device is refused there (not_regular), never opened
             image = decode_image(path, self.decode_size).image
         except UnusableImage as error:
-            return index, None, error.reason, error.detail
+            return index, None, error.reason, utf8_safe(error.detail)
         return index, self.transform(image), None, ""
 
 
@@ -113,7 +121,7 @@ def predict_files(
         num_workers=num_workers,
         collate_fn=_collate,
     )
-    results: list[Prediction] = [Prediction(str(p)) for p in paths]
+    results: list[Prediction] = [Prediction(utf8_safe(str(p))) for p in paths]
     model.eval().to(device, memory_format=torch.channels_last)  # as evaluate runs it
     progress = tqdm(
         total=len(paths),
@@ -143,36 +151,38 @@ def predict_files(
     # Logged after the loop so the messages do not tear the progress bar.
     for result in results:
         if not result.ok:
-            log.warning("%s: %s: %s", result.path, result.reason, result.detail)
+            log.warning(
+                "%s: %s: %s", printable(result.path), result.reason, printable(result.detail)
+            )
     return results
 
 
 def format_table(results: list[Prediction]) -> str:
-    width = max((len(r.path) for r in results), default=4)
+    """For a person on a terminal: paths, classes and messages with control characters
+    escaped (io.printable)."""
+    paths = [printable(r.path) for r in results]
+    width = max((len(p) for p in paths), default=4)
     lines = [f"{'path':<{width}}  predictions"]
-    for result in results:
+    for path, result in zip(paths, results, strict=True):
         if result.ok:
             text = "  ".join(
-                f"{c} ({p:.3f})" for c, p in zip(result.classes, result.probabilities, strict=True)
+                f"{printable(c)} ({p:.3f})"
+                for c, p in zip(result.classes, result.probabilities, strict=True)
             )
         else:
-            text = f"ERROR {result.reason}: {result.detail}"
-        lines.append(f"{result.path:<{width}}  {text}")
+            text = f"ERROR {result.reason}: {printable(result.detail)}"
+        lines.append(f"{path:<{width}}  {text}")
     return "\n".join(lines) + "\n"
 
 
 def format_csv(results: list[Prediction]) -> str:
-    import io
-
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["path", "rank", "class", "probability", "error"])
+    rows: list[list[Any]] = []
     for result in results:
         if not result.ok:
-            writer.writerow([result.path, "", "", "", f"{result.reason}: {result.detail}"])
+            rows.append([result.path, "", "", "", f"{result.reason}: {result.detail}"])
         for rank, (c, p) in enumerate(zip(result.classes, result.probabilities, strict=True), 1):
-            writer.writerow([result.path, rank, c, f"{p:.6f}", ""])
-    return buffer.getvalue()
+            rows.append([result.path, rank, c, f"{p:.6f}", ""])
+    return csv_text(["path", "rank", "class", "probability", "error"], rows)
 
 
 def format_json(results: list[Prediction]) -> str:

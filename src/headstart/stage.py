@@ -4,7 +4,7 @@ DVC records a stage's outputs only when it exits 0, so an interrupted stage must
 SIGTERM is turned into an exception so temporary files are cleaned up on the way out. Errors
 the user can fix (headstart.errors.HeadstartError: bad input or params, a full disk, a batch too
 large for memory) end in one line naming the file or key and the fix, and exit code 1; anything
-else is a bug and keeps its traceback.
+else is a bug: its traceback is logged and the exit code is 3.
 """
 
 from __future__ import annotations
@@ -20,6 +20,10 @@ from collections.abc import Callable
 from headstart.errors import DISK_FULL_ERRNOS, HeadstartError
 
 log = logging.getLogger("headstart")
+
+# Exit codes: 0 done, 1 a problem the user can fix (one line), 3 a bug (with its traceback),
+# 130 SIGINT, 143 SIGTERM (docs/faults.md).
+INTERNAL_ERROR = 3
 
 
 class Interrupted(BaseException):
@@ -51,7 +55,7 @@ def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None =
         return 1
     except OSError as error:  # a full disk outside headstart.io's writers (a library's own)
         if error.errno not in DISK_FULL_ERRNOS:
-            raise
+            return _internal_error()
         log.debug("details", exc_info=True)
         where = error.filename or "writing an output"
         log.error("%s: %s; free disk space and run again", where, os.strerror(error.errno).lower())
@@ -66,6 +70,8 @@ def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None =
     except Interrupted:
         log.error("interrupted (SIGTERM); no output was recorded")
         return 143
+    except Exception:  # a bug: the traceback, and a code no input problem gives
+        return _internal_error()
     if code is not None:
         # Relaunched under torchrun: rank 0 has logged its own time and memory; this launcher's
         # would read as the stage's (bench/scaling.py takes the last such line).
@@ -74,3 +80,12 @@ def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None =
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     log.info("done in %.1f s, peak memory %.0f MiB", time.perf_counter() - start, peak)
     return 0
+
+
+def _internal_error() -> int:
+    """Log the exception being handled, traceback and all, as a bug; the exit code for it."""
+    log.exception(
+        "internal error: a bug in headstart, not a problem with your input "
+        "(traceback below); please report it"
+    )
+    return INTERNAL_ERROR

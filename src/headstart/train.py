@@ -20,6 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from headstart.distributed import batch_share, data_parallel, is_main_process, sum_over_ranks
+from headstart.errors import ParamsError
 from headstart.inference import autocast, evaluate_loss_accuracy, explain_out_of_memory, to_device
 
 log = logging.getLogger(__name__)
@@ -49,14 +50,16 @@ def fit(
     on_epoch: Callable[[dict[str, float]], None] | None = None,
     desc: str = "train",
     batch_size_key: str | None = None,
+    lr_keys: str = "the learning rates",
     precision: torch.dtype | None = None,
 ) -> FitResult:
     """Train `model` in place and load the best epoch's weights back into it.
 
     `batch_size_key` (e.g. "finetune.batch_size") is the params key named in the OutOfMemory
-    error if a batch does not fit in memory. `precision`: the autocast dtype (None: float32);
-    the weights and the optimizer state stay float32. Nothing is written here: an error leaves
-    no output.
+    error if a batch does not fit in memory; `lr_keys` are named when the loss stops being
+    finite, which stops training (ParamsError) rather than saving NaN weights. `precision`: the
+    autocast dtype (None: float32); the weights and the optimizer state stay float32. Nothing
+    is written here: an error leaves no output.
     """
     if not any(p.requires_grad for g in groups for p in g["params"]):
         raise ValueError("nothing to train: no parameter in the optimizer requires grad")
@@ -103,7 +106,14 @@ def fit(
                 scaler.step(optimizer)
                 scaler.update()
                 step += 1
-                total_loss += loss.item() * len(targets)
+                value = loss.item()
+                if not math.isfinite(value):
+                    raise ParamsError(
+                        f"{desc}: the training loss became {value} at epoch {epoch}, step "
+                        f"{step}: training diverged; lower {lr_keys} in params.yaml, or check "
+                        "the inputs for huge or non-finite values"
+                    )
+                total_loss += value * len(targets)
                 total_correct += (logits.argmax(1) == targets).sum().item()
                 seen += len(targets)
                 # Redrawn at tqdm's own pace, not every step: a step on cached features takes
