@@ -13,14 +13,13 @@ import logging
 from pathlib import Path
 
 import _bootstrap  # noqa: F401  (first: a clear message outside the environment)
-from dvclive import Live
 
 from headstart.checkpoints import save_checkpoint
 from headstart.environment import describe
 from headstart.heads import head_meta, read_features, train_head
 from headstart.params import load_params
 from headstart.stage import run
-from headstart.train import live_logger
+from headstart.train import live_logger, training_curves
 
 log = logging.getLogger("headstart.train_head")
 
@@ -34,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     params = load_params().head
 
     features = read_features(args.features_dir)
-    with Live(str(args.live_dir), save_dvc_exp=False, dvcyaml=None) as live:
+    with training_curves(args.live_dir) as live:
         head, summary = train_head(features, params, live_logger(live))
         live.summary.update(summary)
     meta = head_meta(features, params, summary, describe("cpu"))

@@ -125,6 +125,22 @@ def valid_params() -> dict:
     }
 
 
+def classifier_meta(model, classes: list[str], image_size: int = 32) -> dict:
+    """A classifier checkpoint's metadata as finetune writes it, for an efficientnet_lite0
+    Classifier (normalisation deliberately not the backbone's own)."""
+    return {
+        "kind": "classifier",
+        "backbone": "efficientnet_lite0",
+        "num_features": model.backbone.num_features,
+        "image_size": image_size,
+        "mean": [0.5, 0.5, 0.5],
+        "std": [0.25, 0.25, 0.25],
+        "classes": classes,
+        "params": {"backbone": {"name": "efficientnet_lite0"}, "finetune": {"unfreeze": 1}},
+        "summary": {"best_epoch": 1, "val_accuracy": 0.5},
+    }
+
+
 def write_features(directory: Path, splits: dict, classes: list[str]) -> Path:
     """A features folder as extract writes it: {split}_features.npy and {split}_labels.npy for
     each split in `splits` ({split: (features (N, D), labels (N,))}), and meta.json with each
@@ -203,3 +219,24 @@ def dvc_baseline(tmp_path_factory) -> Iterator[Path]:
     yield repo
     # A test that changed the shared repository would have changed what the others saw.
     assert run(repo, "git", "status", "--porcelain") == "", "a test changed the shared baseline"
+
+
+@pytest.fixture
+def stage_run(caplog):
+    """stage.run(main, argv) -> (exit code, ERROR messages); restores the SIGTERM handler."""
+    import logging
+    import signal
+
+    from headstart import stage
+
+    previous = signal.getsignal(signal.SIGTERM)
+    caplog.set_level(logging.INFO)
+
+    def call(main, argv):
+        caplog.clear()
+        code = stage.run(main, argv)
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        return code, errors
+
+    yield call
+    signal.signal(signal.SIGTERM, previous)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import classifier_meta
 from PIL import Image
 
 from headstart import stage
@@ -103,21 +104,7 @@ def checkpoint(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     model = Classifier(build_backbone("efficientnet_lite0", "pretrained"), 3)
     path = tmp_path_factory.mktemp("model") / "finetuned.pt"
-    save_checkpoint(
-        path,
-        model.state_dict(),
-        {
-            "kind": "classifier",
-            "backbone": "efficientnet_lite0",
-            "num_features": model.backbone.num_features,
-            "image_size": 32,
-            "mean": [0.5, 0.5, 0.5],
-            "std": [0.25, 0.25, 0.25],
-            "classes": ["bird", "cat", "dog"],
-            "params": {"backbone": {"name": "efficientnet_lite0"}, "finetune": {"unfreeze": 1}},
-            "summary": {"best_epoch": 1, "val_accuracy": 0.5},
-        },
-    )
+    save_checkpoint(path, model.state_dict(), classifier_meta(model, ["bird", "cat", "dog"]))
     return path
 
 

@@ -6,17 +6,14 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
-import signal
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import write_features
+from conftest import classifier_meta, write_features
 from test_stages import load_stage
 
-from headstart import stage
 from headstart.backbones import build_backbone
 from headstart.calibration import calibration_path, calibration_record
 from headstart.checkpoints import save_checkpoint
@@ -28,27 +25,13 @@ from headstart.params import ParamsError, parse_params
 CLASSES = ["bird", "cat", "dog"]
 
 
-def _classifier_meta(model: Classifier) -> dict:
-    return {
-        "kind": "classifier",
-        "backbone": "efficientnet_lite0",
-        "num_features": model.backbone.num_features,
-        "image_size": 32,
-        "mean": [0.5, 0.5, 0.5],
-        "std": [0.25, 0.25, 0.25],
-        "classes": CLASSES,
-        "params": {},
-        "summary": {},
-    }
-
-
 @pytest.fixture(scope="module")
 def model_files(tmp_path_factory) -> dict:
     """A classifier checkpoint with its calibration file, and the pieces to make bad ones."""
     folder = tmp_path_factory.mktemp("models")
     torch.manual_seed(0)
     model = Classifier(build_backbone("efficientnet_lite0", "none"), len(CLASSES)).eval()
-    meta = _classifier_meta(model)
+    meta = classifier_meta(model, CLASSES)
     checkpoint = folder / "finetuned.pt"
     save_checkpoint(checkpoint, model.state_dict(), meta)
     write_json(calibration_path(checkpoint), calibration_record(checkpoint, 0.5, True, {}))
@@ -63,6 +46,17 @@ def model_files(tmp_path_factory) -> dict:
         "checkpoint": checkpoint,
         "image": image,
     }
+
+
+def _small_features(folder: Path, scale: float = 1.0) -> Path:
+    """Cached features of 8 values an image (clipped normals times `scale`), 24 train and 6
+    val images of the three classes, as extract writes them."""
+    rng = np.random.default_rng(0)
+    splits = {
+        split: (np.clip(rng.standard_normal((count, 8)), -3, 3) * scale, np.arange(count) % 3)
+        for split, count in (("train", 24), ("val", 6))
+    }
+    return write_features(folder, splits, CLASSES)
 
 
 def _cli(capsys, *argv) -> tuple[int, str]:
@@ -80,21 +74,6 @@ def _bytes(*paths: Path) -> list[bytes]:
     return [p.read_bytes() for p in paths]
 
 
-@pytest.fixture
-def stage_errors(caplog):
-    """stage.run(main, argv) -> (exit code, ERROR messages)."""
-    previous = signal.getsignal(signal.SIGTERM)
-    caplog.set_level(logging.INFO)
-
-    def call(main_function, argv):
-        caplog.clear()
-        code = stage.run(main_function, argv)
-        return code, [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-
-    yield call
-    signal.signal(signal.SIGTERM, previous)
-
-
 # --- Non-finite values -----------------------------------------------------------------------
 
 
@@ -103,33 +82,28 @@ def stage_errors(caplog):
     [("head.lr", float("inf")), ("finetune.lr_backbone", float("nan")), ("head.lr", 1.0e38)],
 )
 def test_a_non_finite_or_absurd_float_param_stops_the_stage_before_any_work(
-    tmp_path, monkeypatch, params_dict, write_params, stage_errors, key, value
+    tmp_path, monkeypatch, params_dict, write_params, stage_run, key, value
 ):
     section, name = key.split(".")
     params_dict[section][name] = value
     write_params(tmp_path, params_dict)
     monkeypatch.chdir(tmp_path)
-    code, errors = stage_errors(load_stage("train_head").main, ["features", "head.pt", "live"])
+    code, errors = stage_run(load_stage("train_head").main, ["features", "head.pt", "live"])
     assert code == 1 and len(errors) == 1, errors
     assert key in errors[0]
     assert not (tmp_path / "head.pt").exists() and not (tmp_path / "live").exists()
 
 
 def test_training_that_diverges_stops_naming_the_learning_rate(
-    tmp_path, monkeypatch, params_dict, write_params, stage_errors
+    tmp_path, monkeypatch, params_dict, write_params, stage_run
 ):
     """Features so large that the logits overflow: the loss is not finite from the first step.
     train_head stops with the key to lower instead of saving NaN weights."""
-    rng = np.random.default_rng(0)
     # Finite (float32 ends near 3.4e38), but their weighted sums overflow.
-    splits = {
-        split: (np.clip(rng.standard_normal((count, 8)), -3, 3) * 1e38, np.arange(count) % 3)
-        for split, count in (("train", 24), ("val", 6))
-    }
-    write_features(tmp_path / "features", splits, CLASSES)
+    _small_features(tmp_path / "features", scale=1e38)
     write_params(tmp_path, params_dict)
     monkeypatch.chdir(tmp_path)
-    code, errors = stage_errors(load_stage("train_head").main, ["features", "head.pt", "live"])
+    code, errors = stage_run(load_stage("train_head").main, ["features", "head.pt", "live"])
     assert code == 1 and len(errors) == 1, errors
     assert "diverged" in errors[0] and "head.lr" in errors[0]
     assert not (tmp_path / "head.pt").exists()
@@ -171,10 +145,10 @@ def test_export_never_writes_over_its_inputs_or_a_checkpoint(model_files, capsys
     assert _bytes(*protected) == before
 
 
-def test_the_export_stage_refuses_to_write_over_its_inputs(model_files, tmp_path, stage_errors):
+def test_the_export_stage_refuses_to_write_over_its_inputs(model_files, tmp_path, stage_run):
     checkpoint = model_files["checkpoint"]
     before = _bytes(checkpoint)
-    code, errors = stage_errors(
+    code, errors = stage_run(
         load_stage("export").main,
         [str(checkpoint), str(calibration_path(checkpoint)), str(checkpoint)],
     )
@@ -318,22 +292,18 @@ def test_a_killed_writes_temporary_files_are_ignored_by_git():
 
 
 def test_a_corrupt_features_file_is_named_with_how_to_restore_it(
-    tmp_path, monkeypatch, params_dict, write_params, stage_errors
+    tmp_path, monkeypatch, params_dict, write_params, stage_run
 ):
     """DVC trusts its own cache: a byte flipped in a cached features file is checked out as it
     is. extract records each file's sha256 and train_head checks it before reading."""
-    rng = np.random.default_rng(0)
-    splits = {
-        s: (rng.normal(size=(n, 8)), np.arange(n) % 3) for s, n in (("train", 24), ("val", 6))
-    }
-    features = write_features(tmp_path / "features", splits, CLASSES)
+    features = _small_features(tmp_path / "features")
     target = features / "train_features.npy"
     data = bytearray(target.read_bytes())
     data[-1] ^= 0x01  # one bit of the last feature value
     target.write_bytes(bytes(data))
     write_params(tmp_path, params_dict)
     monkeypatch.chdir(tmp_path)
-    code, errors = stage_errors(load_stage("train_head").main, ["features", "head.pt", "live"])
+    code, errors = stage_run(load_stage("train_head").main, ["features", "head.pt", "live"])
     assert code == 1 and len(errors) == 1, errors
     assert "train_features.npy: corrupt" in errors[0] and "dvc checkout --relink" in errors[0]
     assert not (tmp_path / "head.pt").exists()
@@ -367,7 +337,7 @@ def test_a_checkpoint_whose_content_changed_is_refused_with_how_to_restore_it(
 
 
 def test_backbone_weights_of_another_architecture_name_the_file_and_the_key(
-    tmp_path, monkeypatch, image_folder, params_dict, write_params, stage_errors
+    tmp_path, monkeypatch, image_folder, params_dict, write_params, stage_run
 ):
     """backbone.weights pointing at a state dict made for another network: extract stops with
     the file and backbone.name, not a size-mismatch traceback, and writes no features."""
@@ -378,12 +348,32 @@ def test_backbone_weights_of_another_architecture_name_the_file_and_the_key(
     params_dict["data"]["dir"] = str(image_folder)
     params_dict["backbone"]["weights"] = "pretrained/other.pth"
     write_params(tmp_path, params_dict)
-    assert (
-        stage_errors(load_stage("prepare").main, [str(image_folder), "prepared", "m.json"])[0] == 0
-    )
-    code, errors = stage_errors(
+    assert stage_run(load_stage("prepare").main, [str(image_folder), "prepared", "m.json"])[0] == 0
+    code, errors = stage_run(
         load_stage("extract").main, [str(image_folder), "prepared", "features"]
     )
     assert code == 1 and len(errors) == 1, errors
     assert "pretrained/other.pth" in errors[0] and "backbone.name efficientnet_lite0" in errors[0]
     assert not (tmp_path / "features").exists()
+
+
+def test_a_full_disk_while_dvclive_writes_names_the_curves_folder(
+    tmp_path, monkeypatch, params_dict, write_params, stage_run
+):
+    """DVCLive's own writes fail naming no file; the stage's one line names the curves' folder,
+    and no head is saved."""
+    import errno
+
+    from dvclive.plots.metric import Metric
+
+    def full_disk(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")  # as write() raises it: no name
+
+    monkeypatch.setattr(Metric, "dump", full_disk)
+    _small_features(tmp_path / "features")
+    write_params(tmp_path, params_dict)
+    monkeypatch.chdir(tmp_path)
+    code, errors = stage_run(load_stage("train_head").main, ["features", "head.pt", "live"])
+    assert code == 1 and len(errors) == 1, errors
+    assert errors[0].startswith("live: no space left on device writing the training curves")
+    assert not (tmp_path / "head.pt").exists()

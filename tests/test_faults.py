@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import json
-import logging
 import os
 import signal
 import subprocess
@@ -25,7 +24,6 @@ from test_stages import load_stage, run_stages
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from headstart import stage
 from headstart.backbones import Backbone
 from headstart.checkpoints import load_checkpoint, save_checkpoint
 from headstart.errors import DataError, OutOfMemory
@@ -69,23 +67,6 @@ def _assert_same_state(path: Path, expected: dict[str, torch.Tensor]) -> None:
 
 
 PROJECT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def stage_run(caplog):
-    """stage.run(main, argv) -> (exit code, ERROR messages); restores the SIGTERM handler."""
-    previous = signal.getsignal(signal.SIGTERM)
-    caplog.set_level(logging.INFO)
-
-    def call(main, argv):
-        caplog.clear()
-        code = stage.run(main, argv)
-        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-        return code, errors
-
-    yield call
-    signal.signal(signal.SIGTERM, previous)
-
 
 # --- a writer killed with SIGKILL -------------------------------------------------------
 

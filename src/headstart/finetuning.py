@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from dvclive import Live
 from torch.utils.data import DataLoader
 
 from headstart import distributed
@@ -37,7 +36,7 @@ from headstart.runtime import (
     seed_everything,
     set_threads,
 )
-from headstart.train import FitResult, fit, live_logger
+from headstart.train import FitResult, fit, live_logger, training_curves
 from headstart.transforms import eval_transform, train_transform
 
 if TYPE_CHECKING:
@@ -174,7 +173,7 @@ def finetune(
                 val = images("val", eval_transform(size, mean, std))
             live = None
             if world.is_main and live_dir is not None:  # one record of the curves
-                live = stack.enter_context(Live(str(live_dir), save_dvc_exp=False, dvcyaml=None))
+                live = stack.enter_context(training_curves(live_dir))
 
             result = fit(
                 trainee,

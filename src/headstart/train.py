@@ -9,18 +9,29 @@ headstart.inference; the weights and the optimizer state stay float32.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from headstart.distributed import batch_share, data_parallel, is_main_process, sum_over_ranks
-from headstart.errors import ParamsError
+from headstart.errors import (
+    DISK_FULL_ERRNOS,
+    OUTPUT_DENIED_ERRNOS,
+    DiskFullError,
+    HeadstartError,
+    OutputError,
+    ParamsError,
+)
 from headstart.inference import autocast, evaluate_loss_accuracy, explain_out_of_memory, to_device
 
 log = logging.getLogger(__name__)
@@ -162,6 +173,33 @@ def fit(
     model.load_state_dict(best.state_dict)
     log.info("%s: best epoch %d, val accuracy %.4f", desc, best.best_epoch, best.best_val_accuracy)
     return best
+
+
+@contextlib.contextmanager
+def training_curves(live_dir: Path) -> Iterator[Any]:
+    """A DVCLive `Live` writing the curves into `live_dir`. DVCLive's own writes fail on a full
+    disk or a refused folder with an OSError naming no file: here such an error names
+    `live_dir`, as headstart's own writers name their output."""
+    from dvclive import Live
+
+    try:
+        with Live(str(live_dir), save_dvc_exp=False, dvcyaml=None) as live:
+            yield live
+    except OSError as error:
+        if isinstance(error, HeadstartError) or error.filename is not None:
+            raise
+        reason = os.strerror(error.errno).lower() if error.errno else str(error)
+        if error.errno in DISK_FULL_ERRNOS:
+            raise DiskFullError(
+                error.errno, f"{reason} writing the training curves; free disk space", str(live_dir)
+            ) from error
+        if error.errno in OUTPUT_DENIED_ERRNOS:
+            raise OutputError(
+                error.errno,
+                f"{reason} writing the training curves; make it writable",
+                str(live_dir),
+            ) from error
+        raise
 
 
 def live_logger(live) -> Callable[[dict[str, float]], None]:
