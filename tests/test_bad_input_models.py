@@ -59,6 +59,16 @@ def _small_features(folder: Path, scale: float = 1.0) -> Path:
     return write_features(folder, splits, CLASSES)
 
 
+def _train_head_fails(tmp_path, monkeypatch, params_dict, write_params, stage_run) -> list[str]:
+    """Run train_head in tmp_path (features/ -> head.pt); assert it exits 1 with one error
+    line, and return it."""
+    write_params(tmp_path, params_dict)
+    monkeypatch.chdir(tmp_path)
+    code, errors = stage_run(load_stage("train_head").main, ["features", "head.pt", "live"])
+    assert code == 1 and len(errors) == 1, errors
+    return errors
+
+
 def _cli(capsys, *argv) -> tuple[int, str]:
     code = main([str(a) for a in argv])
     return code, capsys.readouterr().err
@@ -86,10 +96,7 @@ def test_a_non_finite_or_absurd_float_param_stops_the_stage_before_any_work(
 ):
     section, name = key.split(".")
     params_dict[section][name] = value
-    write_params(tmp_path, params_dict)
-    monkeypatch.chdir(tmp_path)
-    code, errors = stage_run(load_stage("train_head").main, ["features", "head.pt", "live"])
-    assert code == 1 and len(errors) == 1, errors
+    errors = _train_head_fails(tmp_path, monkeypatch, params_dict, write_params, stage_run)
     assert key in errors[0]
     assert not (tmp_path / "head.pt").exists() and not (tmp_path / "live").exists()
 
@@ -101,10 +108,7 @@ def test_training_that_diverges_stops_naming_the_learning_rate(
     train_head stops with the key to lower instead of saving NaN weights."""
     # Finite (float32 ends near 3.4e38), but their weighted sums overflow.
     _small_features(tmp_path / "features", scale=1e38)
-    write_params(tmp_path, params_dict)
-    monkeypatch.chdir(tmp_path)
-    code, errors = stage_run(load_stage("train_head").main, ["features", "head.pt", "live"])
-    assert code == 1 and len(errors) == 1, errors
+    errors = _train_head_fails(tmp_path, monkeypatch, params_dict, write_params, stage_run)
     assert "diverged" in errors[0] and "head.lr" in errors[0]
     assert not (tmp_path / "head.pt").exists()
 
@@ -301,10 +305,7 @@ def test_a_corrupt_features_file_is_named_with_how_to_restore_it(
     data = bytearray(target.read_bytes())
     data[-1] ^= 0x01  # one bit of the last feature value
     target.write_bytes(bytes(data))
-    write_params(tmp_path, params_dict)
-    monkeypatch.chdir(tmp_path)
-    code, errors = stage_run(load_stage("train_head").main, ["features", "head.pt", "live"])
-    assert code == 1 and len(errors) == 1, errors
+    errors = _train_head_fails(tmp_path, monkeypatch, params_dict, write_params, stage_run)
     assert "train_features.npy: corrupt" in errors[0] and "dvc checkout --relink" in errors[0]
     assert not (tmp_path / "head.pt").exists()
 
@@ -371,9 +372,6 @@ def test_a_full_disk_while_dvclive_writes_names_the_curves_folder(
 
     monkeypatch.setattr(Metric, "dump", full_disk)
     _small_features(tmp_path / "features")
-    write_params(tmp_path, params_dict)
-    monkeypatch.chdir(tmp_path)
-    code, errors = stage_run(load_stage("train_head").main, ["features", "head.pt", "live"])
-    assert code == 1 and len(errors) == 1, errors
+    errors = _train_head_fails(tmp_path, monkeypatch, params_dict, write_params, stage_run)
     assert errors[0].startswith("live: no space left on device writing the training curves")
     assert not (tmp_path / "head.pt").exists()
