@@ -404,8 +404,9 @@ def _read_only_folder(path: Path) -> Path | None:
             return None
     except FileNotFoundError:
         return None
-    for dirpath, dirnames, _ in os.walk(path):  # links to folders are not followed
-        for folder in [dirpath, *(os.path.join(dirpath, d) for d in dirnames)]:
-            if not os.path.islink(folder) and not os.access(folder, os.W_OK | os.X_OK):
-                return Path(folder)
+    # os.walk visits every real sub-folder once as dirpath (links to folders are not followed,
+    # and removing a link needs only its parent writable).
+    for dirpath, _, _ in os.walk(path):
+        if not os.access(dirpath, os.W_OK | os.X_OK):
+            return Path(dirpath)
     return None
