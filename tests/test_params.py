@@ -12,7 +12,8 @@ import yaml
 
 from headstart.backbones import BACKBONES
 from headstart.heads import HEADS
-from headstart.params import Params, ParamsError, load_params, params_reference, parse_params
+from headstart.params import Params, ParamsError, load_params, parse_params
+from headstart.params_doc import params_reference
 from headstart.transforms import AUGMENTATIONS
 
 PROJECT = Path(__file__).resolve().parents[1]

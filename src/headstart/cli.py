@@ -196,7 +196,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_params(args: argparse.Namespace) -> int:
-    from headstart.params import params_reference
+    from headstart.params_doc import params_reference
 
     sys.stdout.write(params_reference())
     return 0

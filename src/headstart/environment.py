@@ -19,7 +19,7 @@ import torch
 from headstart.runtime import precision_name
 
 # Packages whose versions can change a result, in the order shown.
-PACKAGES = ("torch", "torchvision", "numpy", "pillow", "scikit-learn", "dvc")
+PACKAGES = ("torch", "torchvision", "timm", "numpy", "pillow", "scikit-learn", "dvc")
 
 
 def _version(package: str) -> str | None:

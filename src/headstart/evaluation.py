@@ -40,7 +40,7 @@ from headstart.model import load_classifier, load_head
 from headstart.report import data_fingerprint, render_model_card
 from headstart.runtime import resolve_device, set_threads
 from headstart.schemas import read_checked_array, read_json_file
-from headstart.transforms import eval_transform
+from headstart.transforms import decode_size, eval_transform, preprocessing
 
 if TYPE_CHECKING:
     from headstart.index import PreparedData
@@ -109,8 +109,8 @@ def evaluate(
         loader = image_loader(
             prepared.root,
             prepared.split(split),
-            eval_transform(meta["image_size"], meta["mean"], meta["std"]),
-            decode_size=meta["image_size"],
+            eval_transform(**preprocessing(meta)),
+            decode_size=decode_size(meta),
             batch_size=batch_size,
             num_workers=num_workers,
             pin_memory=torch_device.type == "cuda",

@@ -12,6 +12,8 @@ import collections
 import contextlib
 import logging
 import math
+import shutil
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,14 +21,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from headstart import distributed
-from headstart.backbones import BACKBONES, build_backbone
+from headstart.backbones import backbone_spec, build_backbone
 from headstart.environment import describe
 from headstart.folders import SPLITS
 from headstart.inference import iter_inference
-from headstart.io import ArrayWriter, atomic_dir, sha256_file, write_json
+from headstart.io import ArrayWriter, atomic_dir, read_json, sha256_file, write_json
 from headstart.loaders import image_loader
 from headstart.runtime import precision_name, resolve_device, resolve_precision, set_threads
-from headstart.transforms import eval_transform, resolve_image_size
+from headstart.transforms import eval_transform, resize_size, resolve_image_size
 
 if TYPE_CHECKING:
     from headstart.index import PreparedData
@@ -41,18 +43,46 @@ def extract_features(
     compute: ComputeParams,
     inference: InferenceParams,
     features_dir: Path,
-) -> None:
+    reuse_from: Path | None = None,
+) -> dict[str, float] | None:
     """Write features_dir/{split}_features.npy (N, D) float32, {split}_labels.npy (N,) int64
-    and meta.json (backbone, input size, preprocessing, classes, environment), atomically."""
+    and meta.json (backbone, input size, preprocessing, classes, environment), atomically.
+
+    `reuse_from`: a folder of earlier extractions (the leaderboard's, data/compare/<name>);
+    one whose meta.json equals what this run would write (same backbone and weights, size,
+    images, environment) and whose files check out is copied instead of recomputed: the same
+    bytes this run would produce. Returns the timing on rank 0 (images, seconds, images/s;
+    for the leaderboard), None on the other ranks.
+    """
     from headstart.params import as_dict
 
-    spec = BACKBONES[backbone_params.name]
+    spec = backbone_spec(backbone_params.name)
     size = resolve_image_size(backbone_params.image_size, spec, prepared.report)
     batch_size = inference.batch_size
     set_threads(compute.threads)
     with distributed.world(resolve_device(compute.device)) as (world, device):
         backbone = build_backbone(backbone_params.name, backbone_params.weights)
         precision = resolve_precision(compute.precision, device)
+        meta = {
+            "backbone": as_dict(backbone_params),
+            "image_size": size,
+            "mean": list(spec.mean),
+            "std": list(spec.std),
+            "interpolation": spec.interpolation,
+            "crop_pct": spec.crop_pct,
+            "num_features": backbone.num_features,
+            "parameters": sum(p.numel() for p in backbone.parameters()),
+            "classes": prepared.classes,
+            "images": prepared.fingerprint,
+            "environment": describe(device, precision, world.size),
+        }
+        source = _reusable(reuse_from, meta) if reuse_from and world.size == 1 else None
+        if source is not None:
+            log.info("features of %s found in %s: copied, not recomputed", spec.name, source)
+            with atomic_dir(features_dir) as out:
+                for name in [*meta_files(source), "meta.json"]:
+                    shutil.copyfile(source / name, out / name)
+            return {"images": len(prepared.images), "seconds": 0.0, "images_per_second": 0.0}
         log.info(
             "extracting %d images at %dx%d px on %s (%s)",
             len(prepared.images),
@@ -67,8 +97,8 @@ def extract_features(
         loader = image_loader(
             prepared.root,
             images,
-            eval_transform(size, spec.mean, spec.std),
-            decode_size=size,
+            eval_transform(size, spec.mean, spec.std, spec.interpolation, spec.crop_pct),
+            decode_size=resize_size(size, spec.crop_pct),
             batch_size=batch_size,
             num_workers=compute.num_workers,
             world=world,
@@ -86,28 +116,48 @@ def extract_features(
             world,
             num_batches=math.ceil(len(images) / batch_size),
         )
+        start = time.perf_counter()
         # Only rank 0 writes; with several processes the others send it their batches.
         with atomic_dir(features_dir) if world.is_main else contextlib.nullcontext() as out:
             if not world.is_main:
                 collections.deque(batches, maxlen=0)  # run and send this rank's share
-                return
+                return None
             write_by_split(batches, out, parts, backbone.num_features)
+            seconds = time.perf_counter() - start
             # Each file's sha256, which every reader checks: DVC trusts its own cache, so a byte
             # flipped there would otherwise be consumed without a word.
             files = {path.name: sha256_file(path) for path in sorted(out.glob("*.npy"))}
-            write_json(
-                out / "meta.json",
-                {
-                    "backbone": as_dict(backbone_params),
-                    "image_size": size,
-                    "mean": list(spec.mean),
-                    "std": list(spec.std),
-                    "num_features": backbone.num_features,
-                    "classes": prepared.classes,
-                    "environment": describe(device, precision, world.size),
-                    "files": files,
-                },
-            )
+            write_json(out / "meta.json", {**meta, "files": files})
+    rate = len(images) / seconds if seconds > 0 else 0.0
+    log.info("extracted %d images in %.1f s (%.1f images/s)", len(images), seconds, rate)
+    return {"images": len(images), "seconds": round(seconds, 3), "images_per_second": round(rate)}
+
+
+def meta_files(folder: Path) -> list[str]:
+    """The array files a features folder's meta.json lists."""
+    files = read_json(folder / "meta.json").get("files")
+    return sorted(files) if isinstance(files, dict) else []
+
+
+def _reusable(folders: Path, meta: dict) -> Path | None:
+    """The folder under `folders` whose meta.json, less its file hashes, equals `meta` and
+    whose files match those hashes; None when there is none."""
+    if not folders.is_dir():
+        return None
+    for found in sorted(folders.rglob("meta.json")):
+        try:
+            recorded = read_json(found)
+        except (OSError, ValueError):
+            continue
+        if not isinstance(recorded, dict) or {**recorded, "files": None} != {**meta, "files": None}:
+            continue
+        files = recorded.get("files") or {}
+        if files and all(
+            (found.parent / name).is_file() and sha256_file(found.parent / name) == digest
+            for name, digest in files.items()
+        ):
+            return found.parent
+    return None
 
 
 def write_by_split(

@@ -37,7 +37,7 @@ from headstart.runtime import (
     set_threads,
 )
 from headstart.train import FitResult, fit, live_logger, training_curves
-from headstart.transforms import eval_transform, train_transform
+from headstart.transforms import decode_size, eval_transform, preprocessing, train_transform
 
 if TYPE_CHECKING:
     from headstart.index import PreparedData
@@ -99,9 +99,11 @@ def finetune(
         frozen = set_trainable(model, ft.unfreeze)
         groups = param_groups(model, ft.lr_head, ft.lr_backbone, ft.weight_decay)
 
-        size, mean, std = features["image_size"], features["mean"], features["std"]
+        steps = preprocessing(features)  # the resize and normalisation the features were made with
+        resize = {"interpolation": steps["interpolation"], "crop_pct": steps["crop_pct"]}
+        size, mean, std = steps["size"], steps["mean"], steps["std"]
         loader_options = {
-            "decode_size": size,
+            "decode_size": decode_size(features),
             "batch_size": ft.batch_size,
             "num_workers": compute.num_workers,
             "world": world,
@@ -114,7 +116,14 @@ def finetune(
             )
 
         with contextlib.ExitStack() as stack:
-            if cache and ft.unfreeze < len(model.backbone.blocks):
+            blocks = model.backbone.num_blocks
+            if cache and ft.unfreeze < blocks and not model.backbone.sequential:
+                log.info(
+                    "augment none: %s runs as one timm forward, so the frozen blocks' "
+                    "activations cannot be cached; every epoch runs the whole backbone",
+                    backbone_params.name,
+                )
+            if cache and ft.unfreeze < blocks and model.backbone.sequential:
                 # Without pixel-level augmentation the frozen lower blocks compute the same
                 # activations every epoch: compute them once, train the top blocks on them.
                 log.info(
@@ -137,7 +146,7 @@ def finetune(
                 cached = {
                     split: cache_activations(
                         bottom,
-                        images(split, eval_transform(size, mean, std)),
+                        images(split, eval_transform(**steps)),
                         device,
                         scratch / f"{split}.npy",
                         desc=f"cache {split} activations",
@@ -161,16 +170,16 @@ def finetune(
                     "augment %s, unfreeze %d of %d blocks: every epoch runs the whole backbone",
                     ft.augment,
                     ft.unfreeze,
-                    len(model.backbone.blocks),
+                    blocks,
                 )
                 trainee = model
                 train = images(
                     "train",
-                    train_transform(size, mean, std, ft.augment),
+                    train_transform(size, mean, std, ft.augment, **resize),
                     shuffle=True,
                     generator=generator,
                 )
-                val = images("val", eval_transform(size, mean, std))
+                val = images("val", eval_transform(**steps))
             live = None
             if world.is_main and live_dir is not None:  # one record of the curves
                 live = stack.enter_context(training_curves(live_dir))
@@ -204,6 +213,8 @@ def finetune(
             "image_size": features["image_size"],
             "mean": features["mean"],
             "std": features["std"],
+            "interpolation": steps["interpolation"],
+            "crop_pct": steps["crop_pct"],
             "classes": prepared.classes,
             "params": {"backbone": as_dict(backbone_params), "finetune": as_dict(ft)},
             "summary": {"best_epoch": result.best_epoch, "val_accuracy": result.best_val_accuracy},

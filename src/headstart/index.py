@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import array
 import csv
+import hashlib
 import logging
 import os
 from collections import Counter
@@ -16,7 +17,7 @@ import numpy as np
 
 from headstart.errors import DataError
 from headstart.folders import SKIP_REASONS, SPLITS, index_image_folder
-from headstart.io import printable, read_json
+from headstart.io import printable, read_json, sha256_file
 from headstart.splits import assign_splits
 
 log = logging.getLogger(__name__)
@@ -125,6 +126,7 @@ class PreparedData:
     classes: list[str]
     images: Images
     report: dict
+    fingerprint: str = ""  # sha256 of the class list and index: which images, labels, splits
 
     def split(self, name: str) -> Images:
         return self.images.split(name)
@@ -134,7 +136,10 @@ def load_prepared(data_root: Path, prepared_dir: Path) -> PreparedData:
     classes = read_json(prepared_dir / "classes.json")
     images = read_index(prepared_dir / "index.csv", classes, data_root)
     report = read_json(prepared_dir / "report.json")
-    return PreparedData(data_root, classes, images, report)
+    digest = hashlib.sha256()
+    for name in ("classes.json", "index.csv"):
+        digest.update(sha256_file(prepared_dir / name).encode())
+    return PreparedData(data_root, classes, images, report, digest.hexdigest())
 
 
 def read_index(index_csv: Path, classes: list[str], data_root: Path) -> Images:

@@ -12,7 +12,6 @@ import logging
 import torch
 from torch import nn
 
-from headstart.backbones import Backbone
 from headstart.errors import ArtifactError, ParamsError
 from headstart.schemas import archive_kind, check_classifier_meta, check_head_meta, load_weights
 
@@ -20,7 +19,7 @@ log = logging.getLogger(__name__)
 
 
 class Classifier(nn.Module):
-    def __init__(self, backbone: Backbone, num_classes: int):
+    def __init__(self, backbone: nn.Module, num_classes: int):
         super().__init__()
         self.backbone = backbone
         self.head = nn.Linear(backbone.num_features, num_classes)
@@ -64,8 +63,11 @@ def split_at_cut(model: Classifier, unfreeze: int) -> tuple[nn.Module, nn.Module
     """(bottom, top) with top(bottom(x)) == model(x), cut below the top `unfreeze` blocks.
 
     Both share their modules with `model`: training `top` trains `model`. Used to fine-tune
-    from activations cached once at the cut instead of rerunning the frozen blocks each epoch.
+    from activations cached once at the cut instead of rerunning the frozen blocks each epoch;
+    only a `sequential` backbone can be cut.
     """
+    if not model.backbone.sequential:
+        raise ValueError(f"{type(model.backbone).__name__} cannot be split between its blocks")
     cut = len(model.backbone.blocks) - unfreeze
     return _Bottom(model, cut), _Top(model, cut)
 
@@ -76,28 +78,22 @@ def set_trainable(model: Classifier, unfreeze: int) -> list[nn.Module]:
     Returns the frozen modules (stem, lower blocks, and the neck when nothing above it
     trains), which `train_mode` keeps in eval mode.
     """
-    blocks = model.backbone.blocks
-    if unfreeze > len(blocks):
+    blocks = model.backbone.num_blocks
+    if unfreeze > blocks:
         raise ParamsError(
             f"params.yaml: finetune.unfreeze: {unfreeze} is more blocks than this backbone has "
-            f"({len(blocks)}); use 0..{len(blocks)}"
+            f"({blocks}); use 0..{blocks}"
         )
-    model.requires_grad_(False)
+    frozen = model.backbone.freeze(unfreeze)
     model.head.requires_grad_(True)
-    top = list(blocks)[len(blocks) - unfreeze :]
-    for block in top:
-        block.requires_grad_(True)
-    if unfreeze > 0:
-        model.backbone.neck.requires_grad_(True)
-    frozen = [model.backbone.stem, *list(blocks)[: len(blocks) - unfreeze]]
-    if unfreeze == 0:
-        frozen.append(model.backbone.neck)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
+    names = model.backbone.block_names()[blocks - unfreeze :]
     log.info(
-        "trainable: head + top %d of %d blocks, %d of %d parameters (%.1f%%)",
+        "trainable: head + top %d of %d blocks (%s), %d of %d parameters (%.1f%%)",
         unfreeze,
-        len(blocks),
+        blocks,
+        ", ".join(names) or "none",
         trainable,
         total,
         100.0 * trainable / total,
@@ -160,9 +156,29 @@ def load_classifier(path) -> tuple[Classifier, dict]:
         )
     state, meta = load_checkpoint(path)
     meta = check_classifier_meta(path, meta)
+    _warn_on_other_timm(path, meta)
     model = Classifier(build_backbone(meta["backbone"], "none"), len(meta["classes"]))
     load_weights(path, model, state)
     return model.eval(), meta
+
+
+def _warn_on_other_timm(path, meta: dict) -> None:
+    """A timm model rebuilt by another timm version may differ; say so (it still loads)."""
+    from importlib import metadata
+
+    from headstart.backbones import TIMM_PREFIX
+
+    if not meta["backbone"].startswith(TIMM_PREFIX):
+        return
+    recorded = (meta.get("environment") or {}).get("packages", {}).get("timm")
+    installed = metadata.version("timm")
+    if recorded and recorded != installed:
+        log.warning(
+            "%s was made with timm %s, this is timm %s: predictions may differ slightly",
+            path,
+            recorded,
+            installed,
+        )
 
 
 def load_head(path) -> tuple[nn.Linear, dict]:

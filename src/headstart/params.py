@@ -1,10 +1,10 @@
 """Strict, typed loading of params.yaml, and the one place each key is documented.
 
 One frozen dataclass per section; each field's `doc` is the key's documentation, which
-`headstart params` prints and docs/params.md holds (a test keeps the two equal). Every stage
-loads and validates the whole file (so a typo in any section is caught by the first stage that
-runs), then reads only its own sections; dvc.yaml lists exactly those keys so DVC reruns a
-stage only when its settings change.
+`headstart params` prints (headstart.params_doc) and docs/params.md holds (a test keeps the
+two equal). Every stage loads and validates the whole file (so a typo in any section is caught
+by the first stage that runs), then reads only its own sections; dvc.yaml lists exactly those
+keys so DVC reruns a stage only when its settings change.
 
 YAML is read the way DVC reads it, with ruamel's safe YAML 1.2 loader (`lr: 1e-3` is 0.001, not
 the string PyYAML's YAML 1.1 rules give): no tags that construct Python objects.
@@ -25,12 +25,12 @@ from typing import Any
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
-from headstart.backbones import BACKBONES
+from headstart.backbones import BACKBONES, TIMM_PREFIX, backbone_spec
 from headstart.errors import ParamsError
 from headstart.heads import HEADS
 from headstart.transforms import AUGMENTATIONS
 
-__all__ = ["ParamsError", "Params", "load_params", "parse_params", "params_reference", "as_dict"]
+__all__ = ["ParamsError", "Params", "load_params", "parse_params", "as_dict"]
 
 # YAML 1.2 floats, for values that arrive as strings (e.g. from a hand-built mapping).
 _FLOAT_1_2 = re.compile(r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?$")
@@ -95,40 +95,54 @@ class DataParams:
 class BackboneParams:
     """The pretrained network (read by extract, finetune)."""
 
-    name: str = _doc(f"The pretrained backbone: {', '.join(BACKBONES)}.")
+    name: str = _doc(
+        f"The pretrained backbone: {', '.join(BACKBONES)}, or any timm model as "
+        "`timm:<name>[.<tag>]` (docs/backbones.md)."
+    )
     weights: str = _doc(
-        "`pretrained` (ImageNet weights: shipped for efficientnet_lite0, downloaded by "
-        "torchvision otherwise) | `none` (random init, for smoke tests) | a torchvision weights "
-        "enum such as `ResNet50_Weights.IMAGENET1K_V2` | a local state-dict file under "
-        "`pretrained/` (a DVC dependency), such as `pretrained/resnet50.pth`."
+        "`pretrained` (ImageNet weights: shipped for efficientnet_lite0/1/2, downloaded by "
+        "torchvision or timm otherwise) | `none` (random init, for smoke tests) | a torchvision "
+        "weights enum such as `ResNet50_Weights.IMAGENET1K_V2` | a local state-dict file "
+        "(`.pth`, `.safetensors`) under `pretrained/` (a DVC dependency)."
     )
     image_size: int | str = _doc(
-        "Input pixels (square), 32 to 1024, or `auto`: from the data's median short side (4x "
-        "it, rounded up to a multiple of 32, at least 96 and at most the backbone's training "
-        "size)."
+        "Input pixels (square), 32 to 1024, or `auto`: the backbone's own size if it takes only "
+        "one (most ViTs), else from the data's median short side (4x it, rounded up to a "
+        "multiple of 32, at least 96 and at most the backbone's training size)."
     )
 
     def validate(self) -> None:
+        _check_backbone_name(self.name, "backbone.name")
+        _check_weights(self.weights, "backbone.weights")
+        _check_image_size(self.image_size, "backbone.image_size")
+
+
+def _check_backbone_name(name: str, key: str) -> None:
+    _check(
+        name in BACKBONES or (name.startswith(TIMM_PREFIX) and len(name) > len(TIMM_PREFIX)),
+        key,
+        f"unknown backbone {name!r}; known: {', '.join(sorted(BACKBONES))}, or timm:<model>",
+    )
+
+
+def _check_weights(weights: str, key: str) -> None:
+    if weights not in ("pretrained", "none") and "_Weights." not in weights:
+        # A file: extract and finetune depend on pretrained/ in dvc.yaml, so a file
+        # elsewhere could change without DVC rerunning them.
+        parts = Path(weights).parts
         _check(
-            self.name in BACKBONES,
-            "backbone.name",
-            f"unknown backbone {self.name!r}; known: {', '.join(sorted(BACKBONES))}",
+            len(parts) >= 2 and parts[0] == "pretrained" and ".." not in parts,
+            key,
+            f"{weights!r}: a weights file must be under pretrained/ (a DVC dependency of "
+            f"extract and finetune); copy it there and set {key} to pretrained/<file>",
         )
-        if self.weights not in ("pretrained", "none") and "_Weights." not in self.weights:
-            # A file: extract and finetune depend on pretrained/ in dvc.yaml, so a file
-            # elsewhere could change without DVC rerunning them.
-            parts = Path(self.weights).parts
-            _check(
-                len(parts) >= 2 and parts[0] == "pretrained" and ".." not in parts,
-                "backbone.weights",
-                f"{self.weights!r}: a weights file must be under pretrained/ (a DVC dependency of "
-                "extract and finetune); copy it there and set backbone.weights to "
-                "pretrained/<file>",
-            )
-        if isinstance(self.image_size, str):
-            _check(self.image_size == "auto", "backbone.image_size", "must be 'auto' or pixels")
-        else:
-            _check(32 <= self.image_size <= 1024, "backbone.image_size", "must be in [32, 1024]")
+
+
+def _check_image_size(image_size: int | str, key: str) -> None:
+    if isinstance(image_size, str):
+        _check(image_size == "auto", key, "must be 'auto' or pixels")
+    else:
+        _check(32 <= image_size <= 1024, key, "must be in [32, 1024]")
 
 
 @dataclass(frozen=True)
@@ -269,6 +283,27 @@ class EvaluateParams:
 
 
 @dataclass(frozen=True)
+class CompareParams:
+    """The backbone leaderboard (read by the compare_* stages; docs/backbones.md)."""
+
+    backbones: list[str] = _doc(
+        "Candidates, each a `backbone.name`: each one's features are extracted once and a head "
+        "(the `head` params) trained on them; metrics/backbones.json ranks them on val."
+    )
+    weights: str = _doc("`backbone.weights` for every candidate: `pretrained` or `none`.")
+    image_size: int | str = _doc("`backbone.image_size` for every candidate.")
+
+    def validate(self) -> None:
+        _check(bool(self.backbones), "compare.backbones", "must name at least one backbone")
+        for name in self.backbones:
+            _check_backbone_name(name, "compare.backbones")
+        repeated = sorted({n for n in self.backbones if self.backbones.count(n) > 1})
+        _check(not repeated, "compare.backbones", f"{', '.join(repeated)} listed twice")
+        _check(self.weights in ("pretrained", "none"), "compare.weights", "pretrained or none")
+        _check_image_size(self.image_size, "compare.image_size")
+
+
+@dataclass(frozen=True)
 class Params:
     data: DataParams
     backbone: BackboneParams
@@ -277,6 +312,7 @@ class Params:
     head: HeadParams
     finetune: FinetuneParams
     evaluate: EvaluateParams
+    compare: CompareParams
 
 
 def _check(ok: bool, key: str, problem: str) -> None:
@@ -299,6 +335,9 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             return _finite(float(value), key)
         if option is str and isinstance(value, str):
             return value
+        if typing.get_origin(option) is list and isinstance(value, list):
+            (item,) = typing.get_args(option)
+            return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     names = " or ".join(getattr(o, "__name__", str(o)) for o in options)
     raise ParamsError(
         f"params.yaml: {key}: expected {names}, got {type(value).__name__} {value!r}"
@@ -353,12 +392,18 @@ def parse_params(raw: Any) -> Params:
             )
     _check_keys(raw, expected, "section", "")
     params = Params(**{k: _section(hints[k], raw[k], k) for k in expected})
-    blocks = BACKBONES[params.backbone.name].num_blocks
+    spec = backbone_spec(params.backbone.name)  # a timm name: its config, no weights
     _check(
-        params.finetune.unfreeze <= blocks,
+        params.finetune.unfreeze <= spec.num_blocks,
         "finetune.unfreeze",
-        f"{params.finetune.unfreeze} is more blocks than {params.backbone.name} has ({blocks}); "
-        f"use 0..{blocks}",
+        f"{params.finetune.unfreeze} is more blocks than {params.backbone.name} has "
+        f"({spec.num_blocks}); use 0..{spec.num_blocks}",
+    )
+    _check(
+        not spec.fixed_size or params.backbone.image_size in ("auto", spec.default_size),
+        "backbone.image_size",
+        f"{params.backbone.name} takes {spec.default_size} px only; set it to auto or "
+        f"{spec.default_size}",
     )
     _check(
         params.finetune.batch_size % params.compute.nproc == 0,
@@ -390,35 +435,3 @@ def load_params(path: str | Path = "params.yaml") -> Params:
 def as_dict(section: Any) -> dict[str, Any]:
     """A params section as a plain dict, for checkpoint metadata."""
     return dataclasses.asdict(section)
-
-
-def _type_name(annotation: Any) -> str:
-    options = typing.get_args(annotation) or (annotation,)
-    return " or ".join("`auto`" if o is str and len(options) > 1 else o.__name__ for o in options)
-
-
-def params_reference() -> str:
-    """Every key of params.yaml with its type and documentation, as Markdown (docs/params.md)."""
-    lines = [
-        "# params.yaml reference",
-        "",
-        "<!-- Generated by `headstart params` from src/headstart/params.py; a test keeps it",
-        "     equal. Edit the field docs there, then: headstart params > docs/params.md -->",
-        "",
-        "Every key is required; an unknown, missing or mistyped key stops the first stage that",
-        "runs with an error naming the key. Override one for an experiment with",
-        "`dvc exp run -S section.key=value`. Write floats with a dot and a signed exponent",
-        "(`1.0e-3`), as YAML 1.2 reads them.",
-    ]
-    for section in fields(Params):
-        cls = typing.get_type_hints(Params)[section.name]
-        hints = typing.get_type_hints(cls)
-        lines += ["", f"## `{section.name}`", "", cls.__doc__.strip(), ""]
-        lines += ["| key | type | meaning |", "| --- | --- | --- |"]
-        for key in fields(cls):
-            doc = key.metadata["doc"].replace("|", "\\|")
-            lines.append(f"| `{section.name}.{key.name}` | {_type_name(hints[key.name])} | {doc} |")
-    if RENAMED:
-        lines += ["", "## Renamed keys", "", "| old key | new key |", "| --- | --- |"]
-        lines += [f"| `{old}` | `{new}` |" for old, new in RENAMED.items()]
-    return "\n".join(lines) + "\n"

@@ -111,12 +111,12 @@ def predict_files(
     import torch
     from tqdm import tqdm
 
-    from headstart.transforms import eval_transform
+    from headstart.transforms import decode_size, eval_transform, preprocessing
 
-    transform = eval_transform(meta["image_size"], meta["mean"], meta["std"])
+    transform = eval_transform(**preprocessing(meta))
     classes = meta["classes"]
     loader = torch.utils.data.DataLoader(
-        _InputDataset(paths, transform, meta["image_size"]),
+        _InputDataset(paths, transform, decode_size(meta)),
         batch_size=batch_size,
         num_workers=num_workers,
         collate_fn=_collate,

@@ -21,6 +21,8 @@ from headstart.errors import ArtifactError, MissingFileError
 
 # As backbone.image_size allows; larger inputs are refused before anything is allocated.
 IMAGE_SIZE_RANGE = (32, 1024)
+# The resize interpolations a model's metadata may name (torchvision's InterpolationMode values).
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
 
 
 def _fail(path: Path, field: str, problem: str) -> None:
@@ -67,6 +69,12 @@ def _check_preprocessing(path: Path, meta: dict, prefix: str = "") -> None:
     std = meta.get("std")
     if not (_finite_numbers(std, 3) and all(s > 0 for s in std)):
         _fail(path, f"{prefix}std", "must be 3 finite numbers above 0 (one per RGB channel)")
+    # Optional: files written before timm backbones resized bicubic and kept the whole side.
+    if meta.get("interpolation", "bicubic") not in INTERPOLATIONS:
+        _fail(path, f"{prefix}interpolation", f"must be one of {', '.join(INTERPOLATIONS)}")
+    crop = meta.get("crop_pct", 1.0)
+    if not (_finite_numbers([crop], 1) and 0.5 <= crop <= 1.0):
+        _fail(path, f"{prefix}crop_pct", "must be a number in [0.5, 1]")
 
 
 def _check_kind(path: Path, meta: dict, kind: str, fix: str) -> None:
@@ -89,12 +97,15 @@ def archive_kind(path: Path) -> str | None:
 
 def check_classifier_meta(path: Path, meta: Any) -> dict:
     """A fine-tuned classifier's metadata (finetune's checkpoint)."""
-    from headstart.backbones import BACKBONES
+    from headstart.backbones import BACKBONES, TIMM_PREFIX
 
     meta = _check_mapping(path, meta, "metadata")
     _check_kind(path, meta, "classifier", "pass the fine-tuned model, e.g. models/finetuned.pt")
-    if meta.get("backbone") not in BACKBONES:
-        _fail(path, "backbone", f"must be one of {', '.join(BACKBONES)}")
+    backbone = meta.get("backbone")
+    if not (
+        backbone in BACKBONES or (isinstance(backbone, str) and backbone.startswith(TIMM_PREFIX))
+    ):
+        _fail(path, "backbone", f"must be one of {', '.join(BACKBONES)} or timm:<model>")
     if not _int_in(meta.get("num_features"), 1, 1 << 20):
         _fail(path, "num_features", "must be a positive whole number")
     _check_classes(path, meta.get("classes"))

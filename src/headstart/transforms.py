@@ -7,6 +7,7 @@ against it, and adding a policy is adding an entry (and its test).
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -16,12 +17,33 @@ from torchvision import transforms
 log = logging.getLogger(__name__)
 
 
-def eval_transform(size: int, mean, std) -> transforms.Compose:
-    """Resize the short side to `size`, centre-crop a square, normalise. No randomness."""
+# What every model's and features' metadata says of its preprocessing beyond size, mean and
+# std; files written before these keys existed used these values.
+DEFAULT_INTERPOLATION = "bicubic"
+DEFAULT_CROP_PCT = 1.0
+
+
+def resize_size(size: int, crop_pct: float = DEFAULT_CROP_PCT) -> int:
+    """The short side before the centre crop: `size` / crop_pct, rounded down as timm does."""
+    return size if crop_pct == 1.0 else math.floor(size / crop_pct)
+
+
+def eval_transform(
+    size: int,
+    mean,
+    std,
+    interpolation: str = DEFAULT_INTERPOLATION,
+    crop_pct: float = DEFAULT_CROP_PCT,
+) -> transforms.Compose:
+    """Resize the short side to size / crop_pct, centre-crop a `size` square, normalise. No
+    randomness. crop_pct 1.0 keeps the whole short side; timm's weights carry their own (such
+    as 0.875, which trims the borders as their ImageNet evaluation did)."""
     return transforms.Compose(
         [
             transforms.Resize(
-                size, interpolation=transforms.InterpolationMode.BICUBIC, antialias=True
+                resize_size(size, crop_pct),
+                interpolation=transforms.InterpolationMode(interpolation),
+                antialias=True,
             ),
             transforms.CenterCrop(size),
             transforms.ToTensor(),
@@ -53,12 +75,30 @@ AUGMENTATIONS: dict[str, Callable[[int], list[Callable]]] = {
 }
 
 
-def train_transform(size: int, mean, std, augment: str) -> transforms.Compose:
-    """The eval transform followed by the random steps of the `augment` policy."""
+def preprocessing(meta: dict) -> dict[str, Any]:
+    """eval_transform's arguments as a model's or features' metadata records them."""
+    return {
+        "size": meta["image_size"],
+        "mean": meta["mean"],
+        "std": meta["std"],
+        "interpolation": meta.get("interpolation", DEFAULT_INTERPOLATION),
+        "crop_pct": meta.get("crop_pct", DEFAULT_CROP_PCT),
+    }
+
+
+def decode_size(meta: dict) -> int:
+    """The smallest short side an image may be decoded at (JPEG draft) before the resize."""
+    steps = preprocessing(meta)
+    return resize_size(steps["size"], steps["crop_pct"])
+
+
+def train_transform(size: int, mean, std, augment: str, **resize) -> transforms.Compose:
+    """The eval transform (`resize`: its interpolation and crop_pct) followed by the random
+    steps of the `augment` policy."""
     if augment not in AUGMENTATIONS:
         raise ValueError(f"unknown augmentation {augment!r}; known: {', '.join(AUGMENTATIONS)}")
-    steps = list(eval_transform(size, mean, std).transforms) + AUGMENTATIONS[augment](size)
-    return transforms.Compose(steps)
+    steps = list(eval_transform(size, mean, std, **resize).transforms)
+    return transforms.Compose(steps + AUGMENTATIONS[augment](size))
 
 
 def choose_image_size(median_side: float, default_size: int) -> int:
@@ -75,9 +115,13 @@ def choose_image_size(median_side: float, default_size: int) -> int:
 
 
 def resolve_image_size(image_size: int | str, spec, report: dict) -> int:
-    """backbone.image_size as pixels: the number itself, or `auto` from the data report."""
+    """backbone.image_size as pixels: the number itself, or `auto`: the backbone's own size
+    when it takes only that one (most ViTs), else from the data report."""
     if image_size != "auto":
         return int(image_size)
+    if spec.fixed_size:
+        log.info("backbone.image_size auto: %s takes %d px only", spec.name, spec.default_size)
+        return spec.default_size
     size = choose_image_size(report["image_short_side"]["median"], spec.default_size)
     log.info(
         "backbone.image_size auto: median short side %.0f px -> %d px",

@@ -1,0 +1,110 @@
+"""timm backbones through the real `dvc repro`, `headstart predict` and `headstart export`.
+
+A timm CNN and a timm ViT (timm's tiny test architectures, random init: `weights: none`) run
+every stage; the ViT's fixed input size comes from its config (`image_size: auto`), and it is
+the leaderboard's one candidate too, so a name with `:` runs as a matrix stage and the main
+extract reuses that candidate's features. Then the backbone leaderboard: adding a candidate
+runs only that candidate's stages and the table; removing it runs only the table.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from test_e2e_dvc import (
+    FAST,
+    _copy_repo,
+    _env,
+    _set_params,
+    main_stages,
+    make_repo,
+    ran_stages,
+    run,
+)
+
+pytestmark = pytest.mark.e2e
+
+
+def _headstart(repo, *args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "headstart.cli", *args]
+    return subprocess.run(command, cwd=repo, env=_env(repo), capture_output=True, text=True)
+
+
+@pytest.mark.parametrize(
+    ("name", "image_size", "input_size"),
+    [("timm:test_convnext.r160_in1k", 64, 64), ("timm:test_vit.r160_in1k", "auto", 160)],
+)
+def test_a_timm_backbone_runs_every_stage_predict_and_export(
+    tmp_path, image_folder, name, image_size, input_size
+):
+    overrides = {
+        **FAST,
+        "backbone.name": name,
+        "backbone.image_size": image_size,
+        "compare.backbones": [name],
+        "compare.image_size": image_size,
+    }
+    repo = make_repo(tmp_path, image_folder, overrides)
+    output = run(repo, "dvc", "repro")
+    assert main_stages(output) - {"digits"} == {
+        "prepare",
+        "extract",
+        "train_head",
+        "finetune",
+        "evaluate",
+        "export",
+    }, output
+    assert {f"compare_extract@{name}", f"compare_head@{name}", "compare"} <= ran_stages(output)
+
+    features = json.loads((repo / "data" / "features" / "meta.json").read_text())
+    assert features["backbone"]["name"] == name
+    assert features["image_size"] == input_size
+    assert features["environment"]["packages"]["timm"]
+    candidate = repo / "data" / "compare" / name
+    for file in sorted(candidate.iterdir()):  # reused or recomputed: the same bytes
+        assert (repo / "data" / "features" / file.name).read_bytes() == file.read_bytes()
+    board = json.loads((repo / "metrics" / "backbones.json").read_text())
+    assert board["best"] == name
+
+    image = next(image_folder.rglob("*.png"))
+    predicted = _headstart(repo, "predict", "models/finetuned.pt", str(image), "--format", "json")
+    assert predicted.returncode == 0, predicted.stderr
+    record = json.loads(predicted.stdout)[0]
+    assert record["error"] is None
+    assert record["predictions"][0]["class"] in ("bird", "cat", "dog")
+    info = _headstart(repo, "info", "models/finetuned.pt")
+    assert info.returncode == 0 and name in info.stdout, info.stdout + info.stderr
+    exported = _headstart(repo, "export", "models/finetuned.pt", str(tmp_path / "model.ts"))
+    assert exported.returncode == 0, exported.stderr
+    sidecar = json.loads((tmp_path / "model.json").read_text())
+    assert sidecar["backbone"] == name and sidecar["image_size"] == input_size
+    card = (repo / "reports" / "model_card.md").read_text()
+    assert name in card
+
+
+def test_adding_a_candidate_runs_only_it_and_removing_one_runs_only_the_table(
+    dvc_baseline, tmp_path
+):
+    repo = _copy_repo(dvc_baseline, tmp_path / "repo")
+    added = ["efficientnet_lite0", "timm:test_resnet.r160_in1k"]
+    _set_params(repo, {"compare.backbones": added})
+    output = run(repo, "dvc", "repro")
+    assert ran_stages(output) == {
+        "compare_extract@timm:test_resnet.r160_in1k",
+        "compare_head@timm:test_resnet.r160_in1k",
+        "compare",
+    }, output
+    board = json.loads((repo / "metrics" / "backbones.json").read_text())
+    assert set(board["backbones"]) == set(added)
+    for row in board["backbones"].values():
+        assert 0.0 <= row["val_accuracy"] <= 1.0 and row["images_per_second"] > 0
+        assert row["num_features"] > 0 and row["parameters"] > 0
+
+    _set_params(repo, {"compare.backbones": ["efficientnet_lite0"]})
+    output = run(repo, "dvc", "repro")
+    assert ran_stages(output) == {"compare"}, output
+    board = json.loads((repo / "metrics" / "backbones.json").read_text())
+    assert list(board["backbones"]) == ["efficientnet_lite0"]
