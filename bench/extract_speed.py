@@ -43,7 +43,7 @@ import torch
 from synthetic import make_photos
 from torchvision.transforms import Compose
 
-from headstart.backbones import BACKBONES, build_backbone
+from headstart.backbones import backbone_spec, build_backbone
 from headstart.images import IMAGE_EXTENSIONS
 from headstart.index import Images
 from headstart.inference import iter_inference
@@ -95,7 +95,7 @@ def main() -> None:
     params = load_params()
     set_threads(params.compute.threads)
     name = params.backbone.name
-    spec = BACKBONES[name]
+    spec = backbone_spec(name)
     backbone = build_backbone(name, params.backbone.weights)
     batch_size = params.inference.batch_size
     args.workers = args.workers or [params.compute.num_workers]

@@ -38,7 +38,7 @@ from project import make_repo, sh, stage_costs
 from torch import nn
 from torch.utils.data import DataLoader
 
-from headstart.backbones import BACKBONES, build_backbone
+from headstart.backbones import backbone_spec, build_backbone
 from headstart.extraction import extract_features
 from headstart.heads import read_features, train_head
 from headstart.index import Images, load_prepared
@@ -75,7 +75,7 @@ def main() -> None:
         args.data, args.prepared = repo / "data" / "photos", repo / "data" / "prepared"
     params = load_params()
     prepared = load_prepared(args.data, args.prepared)
-    spec = BACKBONES[params.backbone.name]
+    spec = backbone_spec(params.backbone.name)
     size = resolve_image_size(params.backbone.image_size, spec, prepared.report)
     transform = eval_transform(size, spec.mean, spec.std)
     set_threads(params.compute.threads)

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from headstart.backbones import BACKBONES, build_backbone
+from headstart.backbones import backbone_spec, build_backbone
 from headstart.index import load_prepared
 from headstart.inference import run_inference
 from headstart.loaders import image_loader, tensor_batches
@@ -93,7 +93,7 @@ def main() -> None:
     params = load_params()
     set_threads(params.compute.threads)
     prepared = load_prepared(args.data, args.prepared)
-    spec = BACKBONES[params.backbone.name]
+    spec = backbone_spec(params.backbone.name)
     size = resolve_image_size(params.backbone.image_size, spec, prepared.report)
     backbone = build_backbone(params.backbone.name, params.backbone.weights)
     loader = image_loader(

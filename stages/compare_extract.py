@@ -1,10 +1,12 @@
 """Stage compare_extract: one leaderboard candidate's features, extracted once.
 
-    python stages/compare_extract.py DATA_DIR PREPARED_DIR FEATURES_DIR NAME TIMING_JSON
+    python stages/compare_extract.py DATA_DIR PREPARED_DIR FEATURES_DIR NAME
 
 As extract, for backbone NAME (an entry of compare.backbones) with compare.weights and
-compare.image_size, into FEATURES_DIR (data/compare/NAME); TIMING_JSON gets the extraction's
-images/s on this machine. The main extract reuses these files when backbone.name is NAME with
+compare.image_size, into FEATURES_DIR (data/compare/NAME), plus FEATURES_DIR/timing.json: the
+extraction's images/s on this machine. The timing lives in the DVC-cached folder, so a run
+restored from the run-cache on another machine brings the timing of the machine that ran it.
+The main extract reuses these files when backbone.name is NAME with
 the same settings. Reads params: compare.weights, compare.image_size, compute, inference.
 """
 
@@ -17,6 +19,7 @@ from headstart import distributed
 from headstart.extraction import extract_features
 from headstart.index import load_prepared
 from headstart.io import write_json
+from headstart.leaderboard import TIMING_FILE
 from headstart.params import BackboneParams, load_params
 from headstart.stage import run
 
@@ -27,7 +30,6 @@ def main(argv: list[str] | None = None) -> int | None:
     parser.add_argument("prepared_dir", type=Path)
     parser.add_argument("features_dir", type=Path)
     parser.add_argument("name")
-    parser.add_argument("timing_json", type=Path)
     args = parser.parse_args(argv)
     params = load_params()
     candidate = BackboneParams(args.name, params.compare.weights, params.compare.image_size)
@@ -38,8 +40,7 @@ def main(argv: list[str] | None = None) -> int | None:
         prepared, candidate, params.compute, params.inference, args.features_dir
     )
     if timing is not None:  # rank 0
-        args.timing_json.parent.mkdir(parents=True, exist_ok=True)
-        write_json(args.timing_json, timing)
+        write_json(args.features_dir / TIMING_FILE, timing)
     return None
 
 

@@ -27,15 +27,21 @@ metrics/evaluate.json` there. Across CPUs, pin `compute.precision: float32` firs
 one CPU may extract in bfloat16 and the other in float32, which moves results by more than
 0.01.
 
+Timings are measurements of the machine, not results: the leaderboard's extraction speed
+(metric names ending in `seconds` or `images_per_second`) is shown but never compared, and the
+files holding it (TIMED_OUTPUTS) may differ from dvc.lock.
+
 Exit codes: 0 reproduced, 1 outside the tolerance (or a metric missing), 2 the rerun failed.
 """
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -99,6 +105,15 @@ def within(committed, reproduced, tolerance: float) -> bool:
     return distance <= tolerance or math.isclose(distance, tolerance, rel_tol=1e-9)
 
 
+# Metric names (last part) that are timings, and the outputs that hold such timings.
+TIMINGS = ("seconds", "images_per_second")
+TIMED_OUTPUTS = ("data/compare/*", "metrics/backbones.json", "plots/backbones.json")
+
+
+def is_timing(name: str) -> bool:
+    return name.rsplit(".", 1)[-1] in TIMINGS
+
+
 def compare(
     committed: Mapping[str, Mapping], reproduced: Mapping[str, Mapping], tolerance: float = 0.0
 ) -> list[Row]:
@@ -112,7 +127,7 @@ def compare(
         new = flatten(reproduced.get(path) or {})
         for name in sorted(set(old) | set(new)):
             present = name in old and name in new
-            ok = present and within(old[name], new[name], tolerance)
+            ok = present and (is_timing(name) or within(old[name], new[name], tolerance))
             rows.append(Row(path, name, old.get(name), new.get(name), ok))
     return rows
 
@@ -157,11 +172,13 @@ def output_hashes(lock: Mapping | None) -> dict[str, str]:
 
 
 def changed_outputs(committed: Mapping[str, str], reproduced: Mapping[str, str]) -> list[str]:
-    """Outputs whose hash differs, or that only one run recorded, in dvc.lock order."""
+    """Outputs whose hash differs, or that only one run recorded, in dvc.lock order; outputs
+    holding timings (TIMED_OUTPUTS) aside."""
     return [
         path
         for path in dict.fromkeys([*committed, *reproduced])
         if committed.get(path) != reproduced.get(path)
+        and not any(fnmatch.fnmatch(path, pattern) for pattern in TIMED_OUTPUTS)
     ]
 
 
@@ -173,7 +190,16 @@ def metrics_files(repo: Path) -> list[str]:
     for stage in (pipeline.get("stages") or {}).values():
         entries += stage.get("metrics") or []
     paths = [entry if isinstance(entry, str) else next(iter(entry)) for entry in entries]
-    return list(dict.fromkeys(paths))
+    # A matrix stage's paths name its item (`metrics/compare/${item.backbone}/head.json`):
+    # every file that fits, one per candidate.
+    expanded = []
+    for path in paths:
+        if "${" in path:
+            pattern = re.sub(r"\$\{[^}]*\}", "*", path)
+            expanded += sorted(p.relative_to(repo).as_posix() for p in repo.glob(pattern))
+        else:
+            expanded.append(path)
+    return list(dict.fromkeys(expanded))
 
 
 def read_metrics(repo: Path, paths: Iterable[str]) -> dict[str, dict | None]:

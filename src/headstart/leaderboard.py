@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 
 # What the table ranks by, best first: val accuracy, then macro-F1 to break ties.
 RANK_BY = ("val_accuracy", "val_macro_f1")
+# compare_extract's measured speed, beside the candidate's features.
+TIMING_FILE = "timing.json"
 
 
 def score_head(features: Features, head: nn.Linear) -> dict[str, Any]:
@@ -47,11 +49,14 @@ def score_head(features: Features, head: nn.Linear) -> dict[str, Any]:
     }
 
 
-def rank(names: list[str], folder: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """(metrics/backbones.json, the plot's rows) from folder/<name>/{head,extract}.json."""
+def rank(
+    names: list[str], scores: Path, features: Path
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(metrics/backbones.json, the plot's rows) from scores/<name>/head.json and
+    features/<name>/timing.json."""
     rows = []
     for name in names:
-        head_file, extract_file = folder / name / "head.json", folder / name / "extract.json"
+        head_file, extract_file = scores / name / "head.json", features / name / TIMING_FILE
         for path in (head_file, extract_file):
             if not path.is_file():
                 raise MissingFileError(
