@@ -16,7 +16,7 @@ from headstart.backbones import build_backbone, load_state_dict_file
 
 
 def test_efficientnet_lite0_pretrained_loads_the_shipped_file():
-    shipped = load_state_dict_file(backbones._lite_weights_file())
+    shipped = load_state_dict_file(backbones._lite_weights_file(0))
     backbone = build_backbone("efficientnet_lite0", "pretrained")
     stem_conv = backbone.stem[0]
     assert torch.equal(stem_conv.weight, shipped["_conv_stem.weight"])
@@ -110,7 +110,7 @@ def test_local_file_named_with_a_hash_is_checked_before_loading(tmp_path):
 
 
 def test_shipped_lite0_file_matches_the_hash_in_its_name():
-    path = backbones._lite_weights_file()
+    path = backbones._lite_weights_file(0)
     assert backbones._hash_prefix(path.name) == "57934424"
     assert hashlib.sha256(path.read_bytes()).hexdigest().startswith("57934424")
 

@@ -126,10 +126,14 @@ def test_table_shows_every_digit_and_marks_differences():
 
 
 def test_metrics_files_are_the_metrics_of_dvc_yaml():
-    """The top-level `metrics:` and each stage's own."""
+    """The top-level `metrics:` and each stage's own, a matrix stage's once per candidate."""
     assert check.metrics_files(PROJECT) == [
         "metrics/evaluate.json",
         "metrics/data.json",
+        "metrics/compare/efficientnet_lite0/head.json",
+        "metrics/compare/efficientnet_lite1/head.json",
+        "metrics/compare/efficientnet_lite2/head.json",
+        "metrics/backbones.json",
         "dvclive/train_head/metrics.json",
         "dvclive/finetune/metrics.json",
     ]

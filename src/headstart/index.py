@@ -133,12 +133,13 @@ class PreparedData:
 
 
 def load_prepared(data_root: Path, prepared_dir: Path) -> PreparedData:
-    classes = read_json(prepared_dir / "classes.json")
-    images = read_index(prepared_dir / "index.csv", classes, data_root)
-    report = read_json(prepared_dir / "report.json")
+    # Hashed before the index is read, so the hash's read buffer never adds to its columns.
     digest = hashlib.sha256()
     for name in ("classes.json", "index.csv"):
         digest.update(sha256_file(prepared_dir / name).encode())
+    classes = read_json(prepared_dir / "classes.json")
+    images = read_index(prepared_dir / "index.csv", classes, data_root)
+    report = read_json(prepared_dir / "report.json")
     return PreparedData(data_root, classes, images, report, digest.hexdigest())
 
 
