@@ -133,7 +133,7 @@ def main() -> None:
             (torch.randn(min(batch_size, len(images) - i), 3, size, size), torch.zeros(1))
             for i in range(0, len(images), batch_size)
         ]
-        transform = eval_transform(size, spec.mean, spec.std)
+        transform = eval_transform(size, spec.mean, spec.std, spec.interpolation, spec.crop_pct)
         # Wrapped in a Compose of its own, the loader cannot split off the normalisation.
         variants = {
             "extract": (transform, size),

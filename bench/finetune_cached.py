@@ -41,7 +41,7 @@ from headstart.loaders import image_loader
 from headstart.model import Classifier, split_at_cut
 from headstart.params import load_params
 from headstart.runtime import precision_name, resolve_precision
-from headstart.transforms import eval_transform
+from headstart.transforms import decode_size, eval_transform, preprocessing
 
 
 def main() -> None:
@@ -67,8 +67,8 @@ def main() -> None:
     )
     prepared = load_prepared(args.data, args.prepared)
     head_state, head_meta = load_checkpoint(args.head)
-    size = head_meta["features_meta"]["image_size"]
-    mean, std = head_meta["features_meta"]["mean"], head_meta["features_meta"]["std"]
+    features_meta = head_meta["features_meta"]
+    size = features_meta["image_size"]
 
     def fine_tune(cache: bool, scratch: Path) -> tuple[float, float, float]:
         """(seconds per epoch, total seconds, test accuracy) for one side."""
@@ -87,8 +87,8 @@ def main() -> None:
         test = image_loader(
             args.data,
             prepared.split("test"),
-            eval_transform(size, mean, std),
-            decode_size=size,
+            eval_transform(**preprocessing(features_meta)),
+            decode_size=decode_size(features_meta),
             batch_size=params.inference.batch_size,
             num_workers=compute.num_workers,
         )

@@ -77,7 +77,7 @@ def main() -> None:
     prepared = load_prepared(args.data, args.prepared)
     spec = backbone_spec(params.backbone.name)
     size = resolve_image_size(params.backbone.image_size, spec, prepared.report)
-    transform = eval_transform(size, spec.mean, spec.std)
+    transform = eval_transform(size, spec.mean, spec.std, spec.interpolation, spec.crop_pct)
     set_threads(params.compute.threads)
     device = torch.device("cpu")
     compute = dataclasses.replace(params.compute, device="cpu", nproc=1)  # both sides: CPU

@@ -99,7 +99,7 @@ def main() -> None:
     loader = image_loader(
         args.data,
         prepared.images,
-        eval_transform(size, spec.mean, spec.std),
+        eval_transform(size, spec.mean, spec.std, spec.interpolation, spec.crop_pct),
         decode_size=size,
         batch_size=params.inference.batch_size,
         num_workers=params.compute.num_workers,

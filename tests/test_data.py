@@ -458,7 +458,7 @@ def test_augmentation_does_not_depend_on_the_loader_workers(image_folder):
     import torch
 
     images = _images(folders.index_image_folder(image_folder).samples)
-    transform = transforms.train_transform(16, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "light")
+    transform = transforms.train_transform("light", size=16, mean=(0.5,) * 3, std=(0.5,) * 3)
 
     def epochs(num_workers: int) -> list[torch.Tensor]:
         loader = loaders.image_loader(
@@ -506,7 +506,7 @@ def test_loader_normalises_whole_batches_bit_for_bit(image_folder):
         pixels = torch.cat([batch for batch, _ in loader])
         assert pixels.dtype == torch.float32
         assert torch.equal(pixels, expected)
-    augmenting = transforms.train_transform(24, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "light")
+    augmenting = transforms.train_transform("light", size=24, mean=(0.5,) * 3, std=(0.5,) * 3)
     loader = loaders.image_loader(
         image_folder, images, augmenting, decode_size=None, batch_size=7, num_workers=0
     )

@@ -28,7 +28,7 @@ from headstart.inference import iter_inference
 from headstart.io import ArrayWriter, atomic_dir, read_json, sha256_file, write_json
 from headstart.loaders import image_loader
 from headstart.runtime import precision_name, resolve_device, resolve_precision, set_threads
-from headstart.transforms import eval_transform, resize_size, resolve_image_size
+from headstart.transforms import decode_size, eval_transform, preprocessing, resolve_image_size
 
 if TYPE_CHECKING:
     from headstart.index import PreparedData
@@ -97,8 +97,8 @@ def extract_features(
         loader = image_loader(
             prepared.root,
             images,
-            eval_transform(size, spec.mean, spec.std, spec.interpolation, spec.crop_pct),
-            decode_size=resize_size(size, spec.crop_pct),
+            eval_transform(**preprocessing(meta)),
+            decode_size=decode_size(meta),
             batch_size=batch_size,
             num_workers=compute.num_workers,
             world=world,

@@ -100,8 +100,6 @@ def finetune(
         groups = param_groups(model, ft.lr_head, ft.lr_backbone, ft.weight_decay)
 
         steps = preprocessing(features)  # the resize and normalisation the features were made with
-        resize = {"interpolation": steps["interpolation"], "crop_pct": steps["crop_pct"]}
-        size, mean, std = steps["size"], steps["mean"], steps["std"]
         loader_options = {
             "decode_size": decode_size(features),
             "batch_size": ft.batch_size,
@@ -117,13 +115,15 @@ def finetune(
 
         with contextlib.ExitStack() as stack:
             blocks = model.backbone.num_blocks
-            if cache and ft.unfreeze < blocks and not model.backbone.sequential:
+            use_cache = cache and ft.unfreeze < blocks
+            if use_cache and not model.backbone.sequential:
                 log.info(
                     "augment none: %s runs as one timm forward, so the frozen blocks' "
                     "activations cannot be cached; every epoch runs the whole backbone",
                     backbone_params.name,
                 )
-            if cache and ft.unfreeze < blocks and model.backbone.sequential:
+                use_cache = False
+            if use_cache:
                 # Without pixel-level augmentation the frozen lower blocks compute the same
                 # activations every epoch: compute them once, train the top blocks on them.
                 log.info(
@@ -175,7 +175,7 @@ def finetune(
                 trainee = model
                 train = images(
                     "train",
-                    train_transform(size, mean, std, ft.augment, **resize),
+                    train_transform(ft.augment, **steps),
                     shuffle=True,
                     generator=generator,
                 )

@@ -30,19 +30,17 @@ TIMING_FILE = "timing.json"
 
 def score_head(features: Features, head: nn.Linear) -> dict[str, Any]:
     """The head's validation accuracy and macro-F1, with what the backbone costs."""
-    import numpy as np
     import torch
-    from sklearn.metrics import f1_score
+
+    from headstart.metrics import classification_report
 
     with torch.inference_mode():
         predicted = head(torch.from_numpy(features.val_x)).argmax(1).numpy()
-    labels = np.arange(features.num_classes)
+    report = classification_report(features.val_y, predicted, features.meta["classes"])
     return {
         "backbone": features.meta["backbone"]["name"],
-        "val_accuracy": round(float((predicted == features.val_y).mean()), 6),
-        "val_macro_f1": round(
-            float(f1_score(features.val_y, predicted, labels=labels, average="macro")), 6
-        ),
+        "val_accuracy": report["accuracy"],
+        "val_macro_f1": report["macro_f1"],
         "num_features": features.meta["num_features"],
         "parameters": features.meta.get("parameters"),
         "image_size": features.meta["image_size"],

@@ -154,13 +154,18 @@ def _width(model: nn.Module, size: int) -> int:
 
 
 @functools.lru_cache(maxsize=32)
-def timm_spec(name: str) -> BackboneSpec:
-    """The model's input size, normalisation, resize and block count, from its config (the
-    model is built on the meta device: no weights are allocated or fetched)."""
-    timm = _timm()
+def _meta_model(name: str) -> nn.Module:
+    """The architecture on the meta device: its config, groups and shapes, no weights
+    allocated or fetched. Shared, so never modified (a meta forward pass gives shapes)."""
     with torch.device("meta"):
-        model = _create(name, pretrained=False, num_classes=0)
-    config = timm.data.resolve_model_data_config(model)
+        return _create(name, pretrained=False, num_classes=0)
+
+
+@functools.lru_cache(maxsize=32)
+def timm_spec(name: str) -> BackboneSpec:
+    """The model's input size, normalisation, resize and block count, from its config."""
+    model = _meta_model(name)
+    config = _timm().data.resolve_model_data_config(model)
     _, height, width = config["input_size"]
     return BackboneSpec(
         name=name,
@@ -188,21 +193,16 @@ def build_timm(name: str, weights: str) -> TimmBackbone:
         )
     else:
         model = _from_state_dict(name, Path(weights), load_state_dict_file(Path(weights)))
-    spec = timm_spec(name)
-    backbone = TimmBackbone(model, name, _width(_meta_copy(name), spec.default_size))
+    width = _width(_meta_model(name), timm_spec(name).default_size)
+    backbone = TimmBackbone(model, name, width)
     log.info("timm %s: blocks are %s", name, ", ".join(backbone.block_names()))
     return backbone
-
-
-def _meta_copy(name: str) -> nn.Module:
-    with torch.device("meta"):
-        return _create(name, pretrained=False, num_classes=0)
 
 
 def _from_state_dict(name: str, path: Path, state: dict) -> nn.Module:
     """Build `name` with a state dict through timm's own loading (its checkpoint filter, its
     strict key check); a classifier in the file is loaded, then removed."""
-    classifier = _meta_copy(name).pretrained_cfg.get("classifier") or ""
+    classifier = _meta_model(name).pretrained_cfg.get("classifier") or ""
     classifiers = (classifier,) if isinstance(classifier, str) else tuple(classifier)
     has_classifier = any(f"{c}.weight" in state for c in classifiers)
     options = {} if has_classifier else {"num_classes": 0}
@@ -220,7 +220,7 @@ def _from_state_dict(name: str, path: Path, state: dict) -> nn.Module:
 
 def _pretrained(name: str) -> nn.Module:
     """Through timm from the hub when it can be reached; offline, from the hub cache."""
-    config = _meta_copy(name).pretrained_cfg
+    config = _meta_model(name).pretrained_cfg
     hub_id = config.get("hf_hub_id")
     url = f"https://huggingface.co/{hub_id}/resolve/main/model.safetensors" if hub_id else None
     url = url or config.get("url") or "(no download source known to timm)"

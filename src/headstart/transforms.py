@@ -92,13 +92,13 @@ def decode_size(meta: dict) -> int:
     return resize_size(steps["size"], steps["crop_pct"])
 
 
-def train_transform(size: int, mean, std, augment: str, **resize) -> transforms.Compose:
-    """The eval transform (`resize`: its interpolation and crop_pct) followed by the random
-    steps of the `augment` policy."""
+def train_transform(augment: str, **steps) -> transforms.Compose:
+    """The eval transform (`steps`: its arguments, as `preprocessing` gives them) followed by
+    the random steps of the `augment` policy."""
     if augment not in AUGMENTATIONS:
         raise ValueError(f"unknown augmentation {augment!r}; known: {', '.join(AUGMENTATIONS)}")
-    steps = list(eval_transform(size, mean, std, **resize).transforms)
-    return transforms.Compose(steps + AUGMENTATIONS[augment](size))
+    fixed = list(eval_transform(**steps).transforms)
+    return transforms.Compose(fixed + AUGMENTATIONS[augment](steps["size"]))
 
 
 def choose_image_size(median_side: float, default_size: int) -> int:
