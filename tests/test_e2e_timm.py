@@ -64,7 +64,9 @@ def test_a_timm_backbone_runs_every_stage_predict_and_export(
     assert features["image_size"] == input_size
     assert features["environment"]["packages"]["timm"]
     candidate = repo / "data" / "compare" / name
-    for file in sorted(candidate.glob("*_*.npy")):  # reused or recomputed: the same bytes
+    arrays = sorted(candidate.glob("*_*.npy"))
+    assert len(arrays) == 6  # features and labels of three splits
+    for file in arrays:  # reused or recomputed: the same bytes
         assert (repo / "data" / "features" / file.name).read_bytes() == file.read_bytes()
     board = json.loads((repo / "metrics" / "backbones.json").read_text())
     assert board["best"] == name

@@ -556,3 +556,54 @@ def test_finetune_function_runs_either_path_to_the_same_model(pipeline, params_d
             scratch_dir=pipeline / "models",
             cache=True,
         )
+
+
+def test_extract_copies_a_leaderboard_extraction_only_when_it_is_exactly_its_own(
+    tmp_path, monkeypatch, image_folder, params_dict, write_params, caplog
+):
+    """compare_extract's folder for the same backbone and settings is copied by extract
+    (--reuse-from), byte for byte; a candidate made with other weights, or a damaged one, is
+    recomputed instead."""
+    import logging
+
+    caplog.set_level(logging.INFO)
+    monkeypatch.chdir(tmp_path)
+    write_params(tmp_path, params_dict)
+    load_stage("prepare").main(["images", "prepared", "data.json"])
+    name = params_dict["backbone"]["name"]
+    load_stage("compare_extract").main(["images", "prepared", f"compare/{name}", name])
+    assert (tmp_path / "compare" / name / "timing.json").is_file()
+    extract = load_stage("extract")
+
+    caplog.clear()
+    extract.main(["images", "prepared", "copied", "--reuse-from", "compare"])
+    assert "copied, not recomputed" in caplog.text
+    candidate = sorted(p.name for p in (tmp_path / "compare" / name).glob("*_*.npy"))
+    assert len(candidate) == 6
+    assert sorted(p.name for p in (tmp_path / "copied").iterdir()) == sorted(
+        [*candidate, "meta.json"]
+    )
+    for file in [*candidate, "meta.json"]:
+        assert (tmp_path / "copied" / file).read_bytes() == (
+            tmp_path / "compare" / name / file
+        ).read_bytes(), file
+
+    # A flipped byte in the candidate's features: its sha256 no longer matches, so recompute.
+    damaged = tmp_path / "compare" / name / "train_features.npy"
+    data = bytearray(damaged.read_bytes())
+    data[-1] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    caplog.clear()
+    extract.main(["images", "prepared", "recomputed", "--reuse-from", "compare"])
+    assert "copied, not recomputed" not in caplog.text
+    assert (tmp_path / "recomputed" / "train_features.npy").read_bytes() == (
+        tmp_path / "copied" / "train_features.npy"
+    ).read_bytes()
+
+    # Other settings than the candidate's (here the input size): never copied.
+    damaged.write_bytes((tmp_path / "copied" / "train_features.npy").read_bytes())
+    params_dict["backbone"]["image_size"] = 64
+    write_params(tmp_path, params_dict)
+    caplog.clear()
+    extract.main(["images", "prepared", "other", "--reuse-from", "compare"])
+    assert "copied, not recomputed" not in caplog.text
