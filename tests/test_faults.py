@@ -389,7 +389,9 @@ def test_fit_out_of_memory_names_the_batch_size_key(monkeypatch, error):
 def test_out_of_memory_in_validation_names_the_same_key(monkeypatch):
     # 3 training steps work; the first validation batch (of 12) does not fit.
     monkeypatch.setattr(nn.Linear, "forward", _raising(torch.cuda.OutOfMemoryError(), 3))
-    with pytest.raises(OutOfMemory, match=r"^validate: out of memory on cpu with batches of 12"):
+    with pytest.raises(
+        OutOfMemory, match=r"^finetune validation: out of memory on cpu with batches of 12"
+    ):
         _fit_head(batch_size_key="head.batch_size")
 
 
@@ -445,7 +447,8 @@ def test_finetune_out_of_memory_exits_1_and_writes_no_model(head_trained, monkey
     code, errors = stage_run(load_stage("finetune").main, argv)
     assert code == 1
     assert len(errors) == 1 and "\n" not in errors[0], errors
-    assert errors[0].startswith("finetune: out of memory on cpu with batches of 8")
+    # The first forward pass validates the probe fine-tuning starts from (epoch 0).
+    assert errors[0].startswith("finetune validation: out of memory on cpu with batches of 8")
     assert "finetune.batch_size" in errors[0]
     assert sorted(os.listdir(head_trained / "models")) == ["head.pt"]
 

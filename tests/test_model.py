@@ -319,6 +319,55 @@ def test_fit_restores_an_earlier_best_epoch():
     assert not torch.equal(head.weight, snapshots[-1])
 
 
+@pytest.mark.parametrize("val_shift", [0, 1])
+def test_fit_with_validate_start_never_returns_worse_than_the_start(val_shift):
+    """LP-FT's guarantee: a head trained on the validation labels is the start; training on
+    contradicting labels (val_shift 1) only hurts it, so no epoch beats epoch 0 and the start
+    comes back, weights and predictions unchanged. When training helps (val_shift 0 from a
+    random start), an epoch wins as before."""
+    torch.manual_seed(0)
+    head = nn.Linear(8, NUM_CLASSES)
+    train, val = _loaders(val_shift=val_shift)
+    if val_shift:  # the start: fitted to the validation labels themselves
+        fit(
+            head,
+            val,
+            val,
+            _linear_group(head, 0.05),
+            epochs=30,
+            patience=100,
+            label_smoothing=0.0,
+            device=CPU,
+        )
+    start = {k: v.clone() for k, v in head.state_dict().items()}
+    start_logits, _ = run_inference(head, val, CPU)
+    _, start_accuracy = _val_loss_accuracy(head, val)
+
+    result = fit(
+        head,
+        train,
+        val,
+        _linear_group(head, 0.01),
+        epochs=5,
+        patience=100,
+        label_smoothing=0.0,
+        device=CPU,
+        validate_start=True,
+    )
+    assert result.start_val_accuracy == pytest.approx(start_accuracy)
+    if val_shift:
+        assert start_accuracy >= 0.8
+        assert max(r["val_accuracy"] for r in result.history) < start_accuracy
+        assert result.best_epoch == 0
+        for key, value in head.state_dict().items():
+            assert torch.equal(value, start[key]), key
+        logits, _ = run_inference(head, val, CPU)
+        assert np.array_equal(logits, start_logits)
+    else:
+        assert result.best_epoch >= 1
+        assert result.best_val_accuracy > start_accuracy
+
+
 def _val_loss_accuracy(model: nn.Module, val) -> tuple[float, float]:
     logits, labels = run_inference(model, val, CPU)
     loss = nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels))

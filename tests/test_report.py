@@ -206,3 +206,22 @@ def test_most_confused_orders_by_count_then_class():
         ("c", "b", 3),
     ]
     assert pairs[2]["share"] == pytest.approx(0.6)
+
+
+def test_card_says_when_the_probe_shipped_and_what_the_probe_scored():
+    inputs = _inputs()
+    inputs["model_meta"]["summary"] = {
+        "best_epoch": 3,
+        "val_accuracy": 0.9,
+        "probe_val_accuracy": 0.8,
+    }
+    card = render_model_card(**inputs)
+    assert "best epoch 3, validation accuracy 0.9000 (the probe it started as: 0.8000)." in card
+    inputs["model_meta"]["summary"] = {
+        "best_epoch": 0,
+        "val_accuracy": 0.8,
+        "probe_val_accuracy": 0.8,
+    }
+    card = render_model_card(**inputs)
+    assert "no epoch beat the starting linear probe on validation (0.8000)" in card
+    assert "the shipped model is the probe" in card

@@ -4,10 +4,11 @@ probe, then fine-tune: LP-FT).
 The head starts from train_head's weights, the top `finetune.unfreeze` blocks train at
 `lr_backbone` (smaller than the head's), the rest stays frozen in eval mode; with `bn: frozen`
 every BatchNorm keeps its pretrained statistics. Early stopping on val accuracy; the best epoch
-is kept. With `augment: none` the frozen blocks' output is computed once and cached (a
-temporary memory-mapped file), and epochs run only the top blocks; with augmentation every
-epoch runs the whole backbone. Under torchrun: DistributedDataParallel, with the same global
-batches as one process.
+is kept, and the starting model (the linear probe) is validated first as epoch 0, so a run
+that no epoch improves ships the probe. With `augment: none` the frozen blocks' output is
+computed once and cached (a temporary memory-mapped file), and epochs run only the top blocks;
+with augmentation every epoch runs the whole backbone. Under torchrun: DistributedDataParallel,
+with the same global batches as one process.
 """
 
 from __future__ import annotations
@@ -199,11 +200,12 @@ def finetune(
                 batch_size_key="finetune.batch_size",
                 lr_keys="finetune.lr_head and finetune.lr_backbone",
                 precision=precision,
+                # LP-FT: before its first step the model is the linear probe, a candidate too,
+                # so fine-tuning never ships a model worse on val than the probe it started as.
+                validate_start=True,
             )
             if live:
-                live.summary.update(
-                    {"best_epoch": result.best_epoch, "best_val_accuracy": result.best_val_accuracy}
-                )
+                live.summary.update(_summary(result))
         if not world.is_main:
             return None
         meta = {
@@ -217,7 +219,21 @@ def finetune(
             "crop_pct": steps["crop_pct"],
             "classes": prepared.classes,
             "params": {"backbone": as_dict(backbone_params), "finetune": as_dict(ft)},
-            "summary": {"best_epoch": result.best_epoch, "val_accuracy": result.best_val_accuracy},
+            "summary": {
+                "best_epoch": result.best_epoch,
+                "val_accuracy": result.best_val_accuracy,
+                "probe_val_accuracy": result.start_val_accuracy,
+            },
             "environment": describe(device, precision, world.size),
         }
         return Finetuned(model, meta, result)
+
+
+def _summary(result: FitResult) -> dict[str, Any]:
+    """The curves' summary: the best epoch (0: no epoch beat the linear probe it started as,
+    which is what ships), its val accuracy and the probe's."""
+    return {
+        "best_epoch": result.best_epoch,
+        "best_val_accuracy": result.best_val_accuracy,
+        "probe_val_accuracy": result.start_val_accuracy,
+    }

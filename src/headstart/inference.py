@@ -123,13 +123,12 @@ def evaluate_loss_accuracy(
     device: torch.device,
     batch_size_key: str | None = None,
     precision: torch.dtype | None = None,
+    desc: str = "validate",
 ) -> tuple[float, float]:
     """(mean loss, accuracy) over the batches; under torchrun, over every rank's batches (a
-    rank may have none)."""
+    rank may have none). `desc` names the pass in its progress bar and errors."""
     loss, correct, count = 0.0, 0.0, 0
-    for logits, labels in iter_inference(
-        model, batches, device, "validate", batch_size_key, precision
-    ):
+    for logits, labels in iter_inference(model, batches, device, desc, batch_size_key, precision):
         loss += nn.functional.cross_entropy(
             torch.from_numpy(logits), torch.from_numpy(labels), reduction="sum"
         ).item()

@@ -190,10 +190,22 @@ def render_model_card(
         f"1. Head on cached features: best epoch {head_summary.get('best_epoch', '–')}, "
         f"validation accuracy {_f(head_summary.get('best_val_accuracy'))}."
     )
-    add(
-        f"2. Fine-tuned from that head: best epoch {summary.get('best_epoch', '–')}, "
-        f"validation accuracy {_f(summary.get('val_accuracy'))}."
-    )
+    if summary.get("best_epoch") == 0:
+        add(
+            "2. Fine-tuned from that head: no epoch beat the starting linear probe on "
+            f"validation ({_f(summary.get('val_accuracy'))}), so the shipped model is the probe: "
+            "the pretrained backbone with the head above."
+        )
+    else:
+        add(
+            f"2. Fine-tuned from that head: best epoch {summary.get('best_epoch', '–')}, "
+            f"validation accuracy {_f(summary.get('val_accuracy'))}"
+            + (
+                f" (the probe it started as: {_f(summary['probe_val_accuracy'])})."
+                if summary.get("probe_val_accuracy") is not None
+                else "."
+            )
+        )
     add("")
     rows = _params_rows("backbone", backbone)
     rows += _params_rows("head", head_meta.get("params", {}))

@@ -3,7 +3,9 @@
 What differs between the two is data: the module, its trainable parameters and their groups,
 the batches, the number of epochs. The loop: AdamW on the given parameter groups, a per-step
 cosine schedule, validation every epoch, early stopping on validation accuracy (ties broken by
-validation loss), and the best epoch's weights returned. Autocast and channels-last as in
+validation loss), and the best epoch's weights returned. With `validate_start`, the starting
+weights are validated first as epoch 0 and are a candidate like any epoch: a warm start that
+no epoch improves on is what comes back. Autocast and channels-last as in
 headstart.inference; the weights and the optimizer state stay float32.
 """
 
@@ -39,12 +41,13 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class FitResult:
-    best_epoch: int  # 1-based
+    best_epoch: int  # 1-based; 0: the starting weights (validate_start), which no epoch beat
     best_val_accuracy: float
     best_val_loss: float
     state_dict: dict[str, torch.Tensor]
     history: list[dict[str, float]] = field(default_factory=list)
     epoch_seconds: list[float] = field(default_factory=list)  # each epoch's, validation included
+    start_val_accuracy: float | None = None  # the starting weights' (validate_start)
 
 
 def fit(
@@ -63,6 +66,7 @@ def fit(
     batch_size_key: str | None = None,
     lr_keys: str = "the learning rates",
     precision: torch.dtype | None = None,
+    validate_start: bool = False,
 ) -> FitResult:
     """Train `model` in place and load the best epoch's weights back into it.
 
@@ -89,7 +93,19 @@ def fit(
     epoch_seconds: list[float] = []
     stale = 0
     step = 0
+    start_accuracy = None
     with explain_out_of_memory(desc, device, train_batches, batch_size_key):
+        if validate_start:
+            val_loss, start_accuracy = evaluate_loss_accuracy(
+                model, val_batches, device, batch_size_key, precision, f"{desc} validation"
+            )
+            log.info(
+                "%s epoch 0 (the starting weights): val loss %.4f acc %.4f",
+                desc,
+                val_loss,
+                start_accuracy,
+            )
+            best = FitResult(0, start_accuracy, val_loss, _snapshot(model), history, epoch_seconds)
         for epoch in range(1, epochs + 1):
             started = time.perf_counter()
             train_mode(model)
@@ -131,7 +147,7 @@ def fit(
                 # about a millisecond, and redrawing the bar every step is then a visible cost.
                 progress.set_postfix(loss=f"{total_loss / seen:.4f}", refresh=False)
             val_loss, val_accuracy = evaluate_loss_accuracy(
-                model, val_batches, device, batch_size_key, precision
+                model, val_batches, device, batch_size_key, precision, f"{desc} validation"
             )
             total_loss, total_correct, seen = sum_over_ranks([total_loss, total_correct, seen])
             epoch_seconds.append(time.perf_counter() - started)
@@ -159,8 +175,9 @@ def fit(
                 -best.best_val_loss,
             )
             if improved:
-                state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-                best = FitResult(epoch, val_accuracy, val_loss, state, history, epoch_seconds)
+                best = FitResult(
+                    epoch, val_accuracy, val_loss, _snapshot(model), history, epoch_seconds
+                )
                 stale = 0
             else:
                 stale += 1
@@ -171,8 +188,23 @@ def fit(
                 )
                 break
     model.load_state_dict(best.state_dict)
-    log.info("%s: best epoch %d, val accuracy %.4f", desc, best.best_epoch, best.best_val_accuracy)
+    best.start_val_accuracy = start_accuracy
+    if best.best_epoch == 0:
+        log.warning(
+            "%s: no epoch beat the starting weights on val (accuracy %.4f): keeping them",
+            desc,
+            best.best_val_accuracy,
+        )
+    else:
+        log.info(
+            "%s: best epoch %d, val accuracy %.4f", desc, best.best_epoch, best.best_val_accuracy
+        )
     return best
+
+
+def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of the weights on the CPU, which later steps cannot change."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
 @contextlib.contextmanager
