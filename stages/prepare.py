@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> None:
             "classes": report["num_classes"],
             **report["splits"],
             "skipped": report["num_skipped"],
+            "imbalance_ratio": report["imbalance_ratio"],
         },
     )
     summary(report)

@@ -106,6 +106,7 @@ def valid_params() -> dict:
             "batch_size": 16,
             "patience": 15,
             "label_smoothing": 0.0,
+            "class_weight": "none",
             "seed": 0,
         },
         "finetune": {
@@ -117,6 +118,7 @@ def valid_params() -> dict:
             "batch_size": 8,
             "patience": 5,
             "label_smoothing": 0.1,
+            "class_weight": "none",
             "augment": "light",
             "bn": "frozen",
             "seed": 0,

@@ -157,6 +157,35 @@ def test_prepare_index_report_counts(image_folder):
     assert report["image_short_side"] == {"min": 16, "median": 16.0, "max": 24}
 
 
+def test_prepare_states_the_imbalance_and_warns_naming_the_params(image_folder, caplog):
+    """Images per class and largest:smallest in the report; above 5:1 the summary warns and
+    names head.class_weight and finetune.class_weight."""
+    import logging
+
+    from headstart.index import summary
+
+    _, _, report = prepare_index(image_folder, 0.15, 0.15, SEED)
+    assert report["images_per_class"] == {"bird": 12, "cat": 12, "dog": 12}
+    assert report["imbalance_ratio"] == 1.0
+    caplog.set_level(logging.INFO)
+    summary(report)
+    assert "skewed classes" not in caplog.text
+
+    for extra in range(60):  # bird: 72 images against 12
+        shutil.copy(next(image_folder.glob("bird/*.png")), image_folder / "bird" / f"x{extra}.png")
+        image = np.asarray(Image.open(image_folder / "bird" / f"x{extra}.png")).copy()
+        image[0, 0] = extra  # distinct bytes: not exact copies
+        Image.fromarray(image).save(image_folder / "bird" / f"x{extra}.png")
+    _, _, report = prepare_index(image_folder, 0.15, 0.15, SEED)
+    assert report["images_per_class"]["bird"] == 72
+    assert report["imbalance_ratio"] == 6.0
+    caplog.clear()
+    summary(report)
+    warning = next(r.getMessage() for r in caplog.records if "skewed classes" in r.getMessage())
+    assert "bird has 72 images, cat 12 (6.0:1)" in warning
+    assert "head.class_weight: balanced" in warning and "finetune.class_weight" in warning
+
+
 def test_missing_dir_names_the_path(tmp_path):
     missing = tmp_path / "no_such_images"
     with pytest.raises(FileNotFoundError, match="no_such_images"):

@@ -101,6 +101,8 @@ def test_wrong_type_names_the_key(params_dict, key, value):
         ("head.kind", "svm"),
         ("finetune.bn", "sometimes"),
         ("finetune.augment", "heavy"),
+        ("head.class_weight", "inverse"),
+        ("finetune.class_weight", "auto"),
         ("compute.device", "tpu"),
         ("inference.batch_size", 0),
         ("compute.precision", "half"),

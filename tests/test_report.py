@@ -225,3 +225,18 @@ def test_card_says_when_the_probe_shipped_and_what_the_probe_scored():
     card = render_model_card(**inputs)
     assert "no epoch beat the starting linear probe on validation (0.8000)" in card
     assert "the shipped model is the probe" in card
+
+
+def test_balanced_accuracy_is_the_mean_recall_and_in_the_card():
+    """A model that always answers the majority class: accuracy 0.9, balanced accuracy 0.5."""
+    y_true = np.array([0] * 9 + [1])
+    report = classification_report(y_true, np.zeros(10, dtype=int), ["common", "rare"])
+    assert report["accuracy"] == 0.9
+    assert report["balanced_accuracy"] == 0.5
+    assert report["balanced_accuracy"] == pytest.approx(
+        np.mean([report["per_class"][c]["recall"] for c in ("common", "rare")])
+    )
+    inputs = _inputs()
+    inputs["metrics"]["finetuned"]["balanced_accuracy"] = 0.4321
+    card = render_model_card(**inputs)
+    assert "| balanced accuracy |" in card and "0.4321" in card

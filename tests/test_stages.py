@@ -138,7 +138,13 @@ def test_prepare_outputs(pipeline):
     assert _read_json(pipeline / "data/prepared/classes.json") == ["bird", "cat", "dog"]
     metrics = _read_json(pipeline / "metrics/data.json")
     counts = Counter(r["split"] for r in rows)
-    assert metrics == {"images": 36, "classes": 3, **{s: counts[s] for s in SPLITS}, "skipped": 0}
+    assert metrics == {
+        "images": 36,
+        "classes": 3,
+        **{s: counts[s] for s in SPLITS},
+        "skipped": 0,
+        "imbalance_ratio": 1.0,
+    }
 
 
 def test_extract_outputs(pipeline):

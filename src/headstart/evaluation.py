@@ -143,7 +143,12 @@ def evaluate(
         name: round(expected_calibration_error(p, test_y), 6) for name, p in probabilities.items()
     }
     metrics = {
-        name: {"accuracy": r["accuracy"], "macro_f1": r["macro_f1"], "ece": ece[name]}
+        name: {
+            "accuracy": r["accuracy"],
+            "balanced_accuracy": r["balanced_accuracy"],
+            "macro_f1": r["macro_f1"],
+            "ece": ece[name],
+        }
         for name, r in reports.items()
     }
     metrics["finetuned"] |= {"ece_calibrated": ece["calibrated"], "temperature": temperature}

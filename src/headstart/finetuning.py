@@ -37,7 +37,13 @@ from headstart.runtime import (
     seed_everything,
     set_threads,
 )
-from headstart.train import FitResult, fit, live_logger, training_curves
+from headstart.train import (
+    FitResult,
+    balanced_class_weight,
+    fit,
+    live_logger,
+    training_curves,
+)
 from headstart.transforms import decode_size, eval_transform, preprocessing, train_transform
 
 if TYPE_CHECKING:
@@ -203,6 +209,9 @@ def finetune(
                 # LP-FT: before its first step the model is the linear probe, a candidate too,
                 # so fine-tuning never ships a model worse on val than the probe it started as.
                 validate_start=True,
+                class_weight=balanced_class_weight(
+                    prepared.split("train").labels, len(prepared.classes), ft.class_weight
+                ),
             )
             if live:
                 live.summary.update(_summary(result))

@@ -21,7 +21,7 @@ from headstart.errors import DataError
 from headstart.loaders import tensor_batches
 from headstart.runtime import seed_everything
 from headstart.schemas import check_features_meta, read_checked_array, read_json_file
-from headstart.train import fit
+from headstart.train import balanced_class_weight, fit
 
 if TYPE_CHECKING:
     from headstart.params import HeadParams
@@ -100,6 +100,9 @@ def train_linear(
         epochs=params.epochs,
         patience=params.patience,
         label_smoothing=params.label_smoothing,
+        class_weight=balanced_class_weight(
+            features.train_y, features.num_classes, params.class_weight
+        ),
         device=torch.device("cpu"),
         on_epoch=on_epoch,
         desc="head",
@@ -121,6 +124,7 @@ def train_logreg(
         features.num_classes,
         params.seed,
         on_epoch,
+        class_weight=None if params.class_weight == "none" else "balanced",
     )
 
 
@@ -132,6 +136,7 @@ def fit_logreg(
     num_classes: int,
     seed: int,
     on_candidate: Callable[[dict[str, float]], None] | None = None,
+    class_weight: str | None = None,
 ) -> tuple[nn.Linear, dict[str, float]]:
     """Multinomial logistic regression with C chosen on the validation split, as a nn.Linear.
 
@@ -145,7 +150,7 @@ def fit_logreg(
     scaled_train, scaled_val = (train_x - mean) / std, (val_x - mean) / std
     best = None
     for step, c in enumerate((0.001, 0.01, 0.1, 1.0, 10.0)):
-        clf = LogisticRegression(C=c, max_iter=3000, random_state=seed)
+        clf = LogisticRegression(C=c, max_iter=3000, random_state=seed, class_weight=class_weight)
         clf.fit(scaled_train, train_y)
         accuracy = float(clf.score(scaled_val, val_y))
         log.info("logreg C=%g: val accuracy %.4f", c, accuracy)

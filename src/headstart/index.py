@@ -47,6 +47,7 @@ def prepare_index(
                 "(skipped files and reasons: data/prepared/report.json)"
             )
     rows = [[s.path, s.label, split[s.path], s.sha256, str(s.width), str(s.height)] for s in kept]
+    per_class = {label: sum(per_split.values()) for label, per_split in counts.items()}
     short_sides = [min(s.width, s.height) for s in kept]
     report = {
         "data_dir": str(root),
@@ -55,6 +56,9 @@ def prepare_index(
         "num_classes": len(index.classes),
         "splits": {name: sum(c[name] for c in counts.values()) for name in SPLITS},
         "counts": counts,
+        "images_per_class": per_class,
+        # Largest class over smallest: 1.0 is balanced (docs/data.md#skewed-classes).
+        "imbalance_ratio": round(max(per_class.values()) / min(per_class.values()), 3),
         "image_short_side": {
             "min": int(min(short_sides)),
             "median": float(np.median(short_sides)),
@@ -228,6 +232,8 @@ class _InsideRoot:
 
 # Classes listed in the summary; report.json has them all.
 SUMMARY_ROWS = 30
+# Largest class over smallest above which prepare warns and names the params for skewed classes.
+IMBALANCE_WARNING = 5.0
 
 
 def summary(report: dict) -> None:
@@ -247,6 +253,20 @@ def summary(report: dict) -> None:
         report["num_classes"],
         "\n".join(lines),
     )
+    ratio = report.get("imbalance_ratio", 1.0)
+    if ratio > IMBALANCE_WARNING:
+        sizes = report["images_per_class"]
+        largest, smallest = max(sizes, key=sizes.get), min(sizes, key=sizes.get)
+        log.warning(
+            "skewed classes: %s has %d images, %s %d (%.1f:1); consider head.class_weight: "
+            "balanced and finetune.class_weight: balanced, and read balanced_accuracy beside "
+            "accuracy (docs/data.md#skewed-classes)",
+            printable(largest),
+            sizes[largest],
+            printable(smallest),
+            sizes[smallest],
+            ratio,
+        )
     if report["multi_frame"] or report["exif_errors"]:
         log.info(
             "%d animated file(s) used at frame 0; %d with unreadable EXIF orientation",

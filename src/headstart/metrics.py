@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    f1_score,
+    precision_recall_fscore_support,
+)
 
 
 def classification_report(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> dict:
-    """Accuracy, macro-F1 and per-class precision/recall/F1/support, as plain JSON values."""
+    """Accuracy, balanced accuracy (the mean recall over the classes present), macro-F1 and
+    per-class precision/recall/F1/support, as plain JSON values."""
     labels = list(range(len(classes)))
     precision, recall, f1, support = precision_recall_fscore_support(
         y_true, y_pred, labels=labels, zero_division=0
     )
     return {
         "accuracy": round(float(accuracy_score(y_true, y_pred)), 6),
+        "balanced_accuracy": round(float(balanced_accuracy_score(y_true, y_pred)), 6),
         "macro_f1": round(
             float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)), 6
         ),

@@ -38,6 +38,13 @@ _FLOAT_1_2 = re.compile(r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?$"
 # Learning rates above this are typos (AdamW steps by about lr per step), and overflow float32.
 MAX_LR = 10.0
 
+# head.class_weight and finetune.class_weight.
+CLASS_WEIGHTS = ("none", "balanced")
+CLASS_WEIGHT_DOC = (
+    "`none` | `balanced`: each class's loss weighted by N / (classes x its train images), so "
+    "a rare class counts as much as a common one (logreg: scikit-learn's `balanced`)."
+)
+
 # Keys that moved: old key -> new key. Refused with an error naming the new one.
 RENAMED = {"compute.batch_size": "inference.batch_size"}
 
@@ -212,6 +219,7 @@ class HeadParams:
     batch_size: int = _doc("Features per training batch.")
     patience: int = _doc("Stop after this many epochs without a better val accuracy.")
     label_smoothing: float = _doc("Cross-entropy label smoothing, in [0, 1).")
+    class_weight: str = _doc(CLASS_WEIGHT_DOC)
     seed: int = _doc("Seed for initialisation and shuffling.")
 
     def validate(self) -> None:
@@ -222,6 +230,7 @@ class HeadParams:
         _check(self.batch_size >= 1, "head.batch_size", "must be >= 1")
         _check(self.patience >= 1, "head.patience", "must be >= 1")
         _check(0 <= self.label_smoothing < 1, "head.label_smoothing", "must be in [0, 1)")
+        _check(self.class_weight in CLASS_WEIGHTS, "head.class_weight", "none or balanced")
 
 
 @dataclass(frozen=True)
@@ -242,6 +251,7 @@ class FinetuneParams:
     batch_size: int = _doc("Images per training batch; a multiple of compute.nproc.")
     patience: int = _doc("Stop after this many epochs without a better val accuracy.")
     label_smoothing: float = _doc("Cross-entropy label smoothing, in [0, 1).")
+    class_weight: str = _doc(CLASS_WEIGHT_DOC)
     augment: str = _doc(
         f"Augmentation policy: {' | '.join(AUGMENTATIONS)}. `light`: small shifts, rotations "
         "and scale, no flips. `none` computes the frozen blocks once and trains only the top."
@@ -262,6 +272,7 @@ class FinetuneParams:
         _check(self.batch_size >= 1, "finetune.batch_size", "must be >= 1")
         _check(self.patience >= 1, "finetune.patience", "must be >= 1")
         _check(0 <= self.label_smoothing < 1, "finetune.label_smoothing", "must be in [0, 1)")
+        _check(self.class_weight in CLASS_WEIGHTS, "finetune.class_weight", "none or balanced")
         _check(
             self.augment in AUGMENTATIONS,
             "finetune.augment",

@@ -221,10 +221,13 @@ def render_model_card(
         m = metrics[name]
         correct = round(m["accuracy"] * test_images)
         low, high = wilson_interval(correct, test_images)
+        balanced = _f(m["balanced_accuracy"]) if "balanced_accuracy" in m else "–"
+        interval = f"{low:.3f} – {high:.3f}"
         metric_rows.append(
-            [label, _f(m["accuracy"]), f"{low:.3f} – {high:.3f}", _f(m["macro_f1"]), _f(m["ece"])]
+            [label, _f(m["accuracy"]), interval, balanced, _f(m["macro_f1"]), _f(m["ece"])]
         )
-    out += _table(["model", "accuracy", "95% interval", "macro-F1", "ECE"], metric_rows, "lrrrr")
+    header = ["model", "accuracy", "95% interval", "balanced accuracy", "macro-F1", "ECE"]
+    out += _table(header, metric_rows, "lrrrrr")
     add("")
     add("Per class, fine-tuned (head's F1 for comparison):")
     add("")

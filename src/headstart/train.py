@@ -67,14 +67,16 @@ def fit(
     lr_keys: str = "the learning rates",
     precision: torch.dtype | None = None,
     validate_start: bool = False,
+    class_weight: torch.Tensor | None = None,
 ) -> FitResult:
     """Train `model` in place and load the best epoch's weights back into it.
 
     `batch_size_key` (e.g. "finetune.batch_size") is the params key named in the OutOfMemory
     error if a batch does not fit in memory; `lr_keys` are named when the loss stops being
     finite, which stops training (ParamsError) rather than saving NaN weights. `precision`: the
-    autocast dtype (None: float32); the weights and the optimizer state stay float32. Nothing
-    is written here: an error leaves no output.
+    autocast dtype (None: float32); the weights and the optimizer state stay float32.
+    `class_weight` (num_classes,) weights the training loss (balanced_class_weight); the
+    validation loss stays unweighted. Nothing is written here: an error leaves no output.
     """
     if not any(p.requires_grad for g in groups for p in g["params"]):
         raise ValueError("nothing to train: no parameter in the optimizer requires grad")
@@ -87,7 +89,8 @@ def fit(
     scaler = torch.amp.GradScaler(device.type, enabled=precision is torch.float16)
     steps = epochs * len(train_batches)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+    weight = None if class_weight is None else class_weight.to(device, torch.float32)
+    loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
     best: FitResult | None = None
     history: list[dict[str, float]] = []
     epoch_seconds: list[float] = []
@@ -200,6 +203,17 @@ def fit(
             "%s: best epoch %d, val accuracy %.4f", desc, best.best_epoch, best.best_val_accuracy
         )
     return best
+
+
+def balanced_class_weight(labels, num_classes: int, kind: str) -> torch.Tensor | None:
+    """`class_weight: balanced`: N / (num_classes * count of class c), scikit-learn's
+    `balanced` (each class then carries the same total weight); None for `none`."""
+    if kind == "none":
+        return None
+    counts = torch.bincount(torch.as_tensor(labels, dtype=torch.int64), minlength=num_classes)
+    weight = len(labels) / (num_classes * counts.clamp(min=1).to(torch.float64))
+    log.info("class weights (balanced): %s", ", ".join(f"{w:.3g}" for w in weight.tolist()))
+    return weight.to(torch.float32)
 
 
 def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
