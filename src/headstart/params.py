@@ -13,27 +13,22 @@ the string PyYAML's YAML 1.1 rules give): no tags that construct Python objects.
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
-import types
 import typing
 import unicodedata
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
 from headstart.backbones import BACKBONES, TIMM_PREFIX, backbone_spec
 from headstart.errors import ParamsError
 from headstart.heads import HEADS
+from headstart.params_types import RENAMED, check, check_keys, coerce, doc, read_yaml
 from headstart.transforms import AUGMENTATIONS
 
 __all__ = ["ParamsError", "Params", "load_params", "parse_params", "as_dict"]
-
-# YAML 1.2 floats, for values that arrive as strings (e.g. from a hand-built mapping).
-_FLOAT_1_2 = re.compile(r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?$")
 
 # Learning rates above this are typos (AdamW steps by about lr per step), and overflow float32.
 MAX_LR = 10.0
@@ -45,53 +40,45 @@ CLASS_WEIGHT_DOC = (
     "a rare class counts as much as a common one (logreg: scikit-learn's `balanced`)."
 )
 
-# Keys that moved: old key -> new key. Refused with an error naming the new one.
-RENAMED = {"compute.batch_size": "inference.batch_size"}
-
-
-def _doc(text: str) -> Any:
-    """A dataclass field documented by `text` (no default: every key must be in params.yaml)."""
-    return dataclasses.field(metadata={"doc": text})
-
 
 @dataclass(frozen=True)
 class DataParams:
     """Where the ImageFolder is and how it is split (read by prepare)."""
 
-    dir: str = _doc(
+    dir: str = doc(
         "The ImageFolder, `<dir>/<class>/<image>` (or pre-split `<dir>/<train|val|test>/"
         "<class>/<image>`); `data/digits` is the built-in dataset."
     )
-    val_fraction: float = _doc(
+    val_fraction: float = doc(
         "Share of each class held out for validation (early stopping, model choice), in (0, 1)."
     )
-    test_fraction: float = _doc("Share of each class held out for the test metrics, in (0, 1).")
-    seed: int = _doc("Split seed: an image's split is fixed by its content and this seed.")
+    test_fraction: float = doc("Share of each class held out for the test metrics, in (0, 1).")
+    seed: int = doc("Split seed: an image's split is fixed by its content and this seed.")
 
     def validate(self) -> None:
-        _check(
+        check(
             0.0 < self.val_fraction < 1.0,
             "data.val_fraction",
             "must be in (0, 1): the validation split picks the best epoch",
         )
-        _check(0.0 < self.test_fraction < 1.0, "data.test_fraction", "must be in (0, 1)")
-        _check(
+        check(0.0 < self.test_fraction < 1.0, "data.test_fraction", "must be in (0, 1)")
+        check(
             self.val_fraction + self.test_fraction < 0.9,
             "data.val_fraction",
             f"data.val_fraction + data.test_fraction = "
             f"{self.val_fraction + self.test_fraction:g} leaves too little for training; "
             "keep the sum below 0.9",
         )
-        _check(bool(self.dir.strip()), "data.dir", "must name an ImageFolder directory")
+        check(bool(self.dir.strip()), "data.dir", "must name an ImageFolder directory")
         # dvc.yaml passes data.dir to the stages single-quoted: a quote would end the quoting.
         unsafe = [c for c in self.dir if c == "'" or unicodedata.category(c) == "Cc"]
-        _check(
+        check(
             not unsafe,
             "data.dir",
             f"{self.dir!r} holds {ascii(unsafe[0]) if unsafe else ''}, which the stage commands "
             "cannot pass on; rename the folder without quotes or control characters",
         )
-        _check(
+        check(
             not self.dir.startswith("-"),
             "data.dir",
             "must not start with '-' (it would read as an option); prefix it with ./",
@@ -102,17 +89,17 @@ class DataParams:
 class BackboneParams:
     """The pretrained network (read by extract, finetune)."""
 
-    name: str = _doc(
+    name: str = doc(
         f"The pretrained backbone: {', '.join(BACKBONES)}, or any timm model as "
         "`timm:<name>[.<tag>]` (docs/backbones.md)."
     )
-    weights: str = _doc(
+    weights: str = doc(
         "`pretrained` (ImageNet weights: shipped for efficientnet_lite0/1/2, downloaded by "
         "torchvision or timm otherwise) | `none` (random init, for smoke tests) | a torchvision "
         "weights enum such as `ResNet50_Weights.IMAGENET1K_V2` | a local state-dict file "
         "(`.pth`, `.safetensors`) under `pretrained/` (a DVC dependency)."
     )
-    image_size: int | str = _doc(
+    image_size: int | str = doc(
         "Input pixels (square), 32 to 1024, or `auto`: the backbone's own size if it takes only "
         "one (most ViTs), else from the data's median short side (4x it, rounded up to a "
         "multiple of 32, at least 96 and at most the backbone's training size)."
@@ -125,7 +112,7 @@ class BackboneParams:
 
 
 def _check_backbone_name(name: str, key: str) -> None:
-    _check(
+    check(
         name in BACKBONES or (name.startswith(TIMM_PREFIX) and len(name) > len(TIMM_PREFIX)),
         key,
         f"unknown backbone {name!r}; known: {', '.join(sorted(BACKBONES))}, or timm:<model>",
@@ -137,7 +124,7 @@ def _check_weights(weights: str, key: str) -> None:
         # A file: extract and finetune depend on pretrained/ in dvc.yaml, so a file
         # elsewhere could change without DVC rerunning them.
         parts = Path(weights).parts
-        _check(
+        check(
             len(parts) >= 2 and parts[0] == "pretrained" and ".." not in parts,
             key,
             f"{weights!r}: a weights file must be under pretrained/ (a DVC dependency of "
@@ -147,147 +134,143 @@ def _check_weights(weights: str, key: str) -> None:
 
 def _check_image_size(image_size: int | str, key: str) -> None:
     if isinstance(image_size, str):
-        _check(image_size == "auto", key, "must be 'auto' or pixels")
+        check(image_size == "auto", key, "must be 'auto' or pixels")
     else:
-        _check(32 <= image_size <= 1024, key, "must be in [32, 1024]")
+        check(32 <= image_size <= 1024, key, "must be in [32, 1024]")
 
 
 @dataclass(frozen=True)
 class ComputeParams:
     """Where and how the work runs (read by extract and finetune whole, by evaluate in part)."""
 
-    device: str = _doc(
+    device: str = doc(
         "`auto` (CUDA if present, else Apple MPS, else CPU) | `cpu` | `cuda` | `cuda:N` | `mps`."
     )
-    num_workers: int = _doc("Image decoding processes (0: decode in the main process).")
-    precision: str = _doc(
+    num_workers: int = doc("Image decoding processes (0: decode in the main process).")
+    precision: str = doc(
         "`auto`: bfloat16 autocast on GPUs; on CPUs with native bfloat16, for extraction only "
         "(fine-tuning stays float32) | `float32` | `bfloat16` | `float16`. Evaluate and predict "
         "always run float32."
     )
-    threads: int | str = _doc(
+    threads: int | str = doc(
         "CPU threads for torch: `auto` (one per physical core; with nproc, shared among the "
         "processes) | a number (each process's)."
     )
-    nproc: int = _doc(
+    nproc: int = doc(
         "Processes for extract and finetune: 1, or N (torchrun on this machine: N GPUs with "
         "NCCL, or N CPU processes with gloo)."
     )
 
     def validate(self) -> None:
-        _check(
+        check(
             self.device in ("auto", "cpu", "mps") or re.fullmatch(r"cuda(:\d+)?", self.device),
             "compute.device",
             "must be 'auto', 'cpu', 'cuda[:N]' or 'mps'",
         )
-        _check(self.num_workers >= 0, "compute.num_workers", "must be >= 0")
-        _check(
+        check(self.num_workers >= 0, "compute.num_workers", "must be >= 0")
+        check(
             self.precision in ("auto", "float32", "bfloat16", "float16"),
             "compute.precision",
             "must be auto, float32, bfloat16 or float16",
         )
         if isinstance(self.threads, str):
-            _check(self.threads == "auto", "compute.threads", "must be 'auto' or a thread count")
+            check(self.threads == "auto", "compute.threads", "must be 'auto' or a thread count")
         else:
-            _check(self.threads >= 1, "compute.threads", "must be 'auto' or >= 1")
-        _check(self.nproc >= 1, "compute.nproc", "must be >= 1 (1: one process, no torchrun)")
+            check(self.threads >= 1, "compute.threads", "must be 'auto' or >= 1")
+        check(self.nproc >= 1, "compute.nproc", "must be >= 1 (1: one process, no torchrun)")
 
 
 @dataclass(frozen=True)
 class InferenceParams:
     """Batches that only run forward (read by extract, evaluate)."""
 
-    batch_size: int = _doc(
+    batch_size: int = doc(
         "Images per batch for extraction and evaluation; lower it if a batch runs out of memory."
     )
 
     def validate(self) -> None:
-        _check(self.batch_size >= 1, "inference.batch_size", "must be >= 1")
+        check(self.batch_size >= 1, "inference.batch_size", "must be >= 1")
 
 
 @dataclass(frozen=True)
 class HeadParams:
     """The classifier trained on cached features (read by train_head)."""
 
-    kind: str = _doc(
+    kind: str = doc(
         "`linear` (torch, AdamW, the keys below) | `logreg` (scikit-learn logistic "
         "regression, C picked on val; uses only `seed`)."
     )
-    lr: float = _doc("Learning rate (peak of the cosine schedule).")
-    weight_decay: float = _doc("AdamW weight decay.")
-    epochs: int = _doc("Most epochs to train.")
-    batch_size: int = _doc("Features per training batch.")
-    patience: int = _doc("Stop after this many epochs without a better val accuracy.")
-    label_smoothing: float = _doc("Cross-entropy label smoothing, in [0, 1).")
-    class_weight: str = _doc(CLASS_WEIGHT_DOC)
-    seed: int = _doc("Seed for initialisation and shuffling.")
+    lr: float = doc("Learning rate (peak of the cosine schedule).")
+    weight_decay: float = doc("AdamW weight decay.")
+    epochs: int = doc("Most epochs to train.")
+    batch_size: int = doc("Features per training batch.")
+    patience: int = doc("Stop after this many epochs without a better val accuracy.")
+    label_smoothing: float = doc("Cross-entropy label smoothing, in [0, 1).")
+    class_weight: str = doc(CLASS_WEIGHT_DOC)
+    seed: int = doc("Seed for initialisation and shuffling.")
 
     def validate(self) -> None:
-        _check(self.kind in HEADS, "head.kind", f"must be one of {', '.join(HEADS)}")
-        _check(0 < self.lr <= MAX_LR, "head.lr", f"must be in (0, {MAX_LR:g}]")
-        _check(self.weight_decay >= 0, "head.weight_decay", "must be >= 0")
-        _check(self.epochs >= 1, "head.epochs", "must be >= 1")
-        _check(self.batch_size >= 1, "head.batch_size", "must be >= 1")
-        _check(self.patience >= 1, "head.patience", "must be >= 1")
-        _check(0 <= self.label_smoothing < 1, "head.label_smoothing", "must be in [0, 1)")
-        _check(self.class_weight in CLASS_WEIGHTS, "head.class_weight", "none or balanced")
+        check(self.kind in HEADS, "head.kind", f"must be one of {', '.join(HEADS)}")
+        check(0 < self.lr <= MAX_LR, "head.lr", f"must be in (0, {MAX_LR:g}]")
+        check(self.weight_decay >= 0, "head.weight_decay", "must be >= 0")
+        check(self.epochs >= 1, "head.epochs", "must be >= 1")
+        check(self.batch_size >= 1, "head.batch_size", "must be >= 1")
+        check(self.patience >= 1, "head.patience", "must be >= 1")
+        check(0 <= self.label_smoothing < 1, "head.label_smoothing", "must be in [0, 1)")
+        check(self.class_weight in CLASS_WEIGHTS, "head.class_weight", "none or balanced")
 
 
 @dataclass(frozen=True)
 class FinetuneParams:
     """Fine-tuning the top blocks from the trained head (read by finetune)."""
 
-    unfreeze: int = _doc(
+    unfreeze: int = doc(
         "Top blocks of the backbone to train (0: the head only); at most the backbone's "
         "number of blocks."
     )
-    lr_head: float = _doc("Learning rate of the head.")
-    lr_backbone: float = _doc(
+    lr_head: float = doc("Learning rate of the head.")
+    lr_backbone: float = doc(
         "Learning rate of the unfrozen blocks; smaller than the head's, so the pretrained "
         "weights move gently."
     )
-    weight_decay: float = _doc("AdamW weight decay (not applied to biases and norms).")
-    epochs: int = _doc("Most epochs to train.")
-    batch_size: int = _doc("Images per training batch; a multiple of compute.nproc.")
-    patience: int = _doc("Stop after this many epochs without a better val accuracy.")
-    label_smoothing: float = _doc("Cross-entropy label smoothing, in [0, 1).")
-    class_weight: str = _doc(CLASS_WEIGHT_DOC)
-    augment: str = _doc(
+    weight_decay: float = doc("AdamW weight decay (not applied to biases and norms).")
+    epochs: int = doc("Most epochs to train.")
+    batch_size: int = doc("Images per training batch; a multiple of compute.nproc.")
+    patience: int = doc("Stop after this many epochs without a better val accuracy.")
+    label_smoothing: float = doc("Cross-entropy label smoothing, in [0, 1).")
+    class_weight: str = doc(CLASS_WEIGHT_DOC)
+    augment: str = doc(
         f"Augmentation policy: {' | '.join(AUGMENTATIONS)}. `light`: small shifts, rotations "
         "and scale, no flips. `none` computes the frozen blocks once and trains only the top."
     )
-    bn: str = _doc(
+    bn: str = doc(
         "`frozen` (keep the pretrained BatchNorm statistics) | `train` (re-estimate them)."
     )
-    seed: int = _doc("Seed for shuffling and augmentation.")
+    seed: int = doc("Seed for shuffling and augmentation.")
 
     def validate(self) -> None:
-        _check(self.unfreeze >= 0, "finetune.unfreeze", "must be >= 0 (0 trains the head only)")
-        _check(0 < self.lr_head <= MAX_LR, "finetune.lr_head", f"must be in (0, {MAX_LR:g}]")
-        _check(
-            0 < self.lr_backbone <= MAX_LR, "finetune.lr_backbone", f"must be in (0, {MAX_LR:g}]"
-        )
-        _check(self.weight_decay >= 0, "finetune.weight_decay", "must be >= 0")
-        _check(self.epochs >= 1, "finetune.epochs", "must be >= 1")
-        _check(self.batch_size >= 1, "finetune.batch_size", "must be >= 1")
-        _check(self.patience >= 1, "finetune.patience", "must be >= 1")
-        _check(0 <= self.label_smoothing < 1, "finetune.label_smoothing", "must be in [0, 1)")
-        _check(self.class_weight in CLASS_WEIGHTS, "finetune.class_weight", "none or balanced")
-        _check(
+        check(self.unfreeze >= 0, "finetune.unfreeze", "must be >= 0 (0 trains the head only)")
+        check(0 < self.lr_head <= MAX_LR, "finetune.lr_head", f"must be in (0, {MAX_LR:g}]")
+        check(0 < self.lr_backbone <= MAX_LR, "finetune.lr_backbone", f"must be in (0, {MAX_LR:g}]")
+        check(self.weight_decay >= 0, "finetune.weight_decay", "must be >= 0")
+        check(self.epochs >= 1, "finetune.epochs", "must be >= 1")
+        check(self.batch_size >= 1, "finetune.batch_size", "must be >= 1")
+        check(self.patience >= 1, "finetune.patience", "must be >= 1")
+        check(0 <= self.label_smoothing < 1, "finetune.label_smoothing", "must be in [0, 1)")
+        check(self.class_weight in CLASS_WEIGHTS, "finetune.class_weight", "none or balanced")
+        check(
             self.augment in AUGMENTATIONS,
             "finetune.augment",
             f"must be one of {', '.join(AUGMENTATIONS)}",
         )
-        _check(self.bn in ("frozen", "train"), "finetune.bn", "must be 'frozen' or 'train'")
+        check(self.bn in ("frozen", "train"), "finetune.bn", "must be 'frozen' or 'train'")
 
 
 @dataclass(frozen=True)
 class EvaluateParams:
     """Test metrics and calibration (read by evaluate)."""
 
-    calibrate: bool = _doc(
-        "Fit a temperature on the validation split; predict and export apply it."
-    )
+    calibrate: bool = doc("Fit a temperature on the validation split; predict and export apply it.")
 
     def validate(self) -> None:
         pass  # a bool is all it can be; _coerce has checked the type
@@ -297,20 +280,20 @@ class EvaluateParams:
 class CompareParams:
     """The backbone leaderboard (read by the compare_* stages; docs/backbones.md)."""
 
-    backbones: list[str] = _doc(
+    backbones: list[str] = doc(
         "Candidates, each a `backbone.name`: each one's features are extracted once and a head "
         "(the `head` params) trained on them; metrics/backbones.json ranks them on val."
     )
-    weights: str = _doc("`backbone.weights` for every candidate: `pretrained` or `none`.")
-    image_size: int | str = _doc("`backbone.image_size` for every candidate.")
+    weights: str = doc("`backbone.weights` for every candidate: `pretrained` or `none`.")
+    image_size: int | str = doc("`backbone.image_size` for every candidate.")
 
     def validate(self) -> None:
-        _check(bool(self.backbones), "compare.backbones", "must name at least one backbone")
+        check(bool(self.backbones), "compare.backbones", "must name at least one backbone")
         for name in self.backbones:
             _check_backbone_name(name, "compare.backbones")
         repeated = sorted({n for n in self.backbones if self.backbones.count(n) > 1})
-        _check(not repeated, "compare.backbones", f"{', '.join(repeated)} listed twice")
-        _check(self.weights in ("pretrained", "none"), "compare.weights", "pretrained or none")
+        check(not repeated, "compare.backbones", f"{', '.join(repeated)} listed twice")
+        check(self.weights in ("pretrained", "none"), "compare.weights", "pretrained or none")
         _check_image_size(self.image_size, "compare.image_size")
 
 
@@ -326,64 +309,13 @@ class Params:
     compare: CompareParams
 
 
-def _check(ok: bool, key: str, problem: str) -> None:
-    if not ok:
-        raise ParamsError(f"params.yaml: {key}: {problem}")
-
-
-def _coerce(value: Any, annotation: Any, key: str) -> Any:
-    """Return `value` as the annotated type, or raise naming the key. Ints widen to floats."""
-    allowed = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else ()
-    options = allowed or (annotation,)
-    for option in options:
-        if option is bool and isinstance(value, bool):
-            return value
-        if option is int and isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return _finite(float(value), key)
-        if option is float and isinstance(value, str) and _FLOAT_1_2.match(value.strip()):
-            return _finite(float(value), key)
-        if option is str and isinstance(value, str):
-            return value
-        if typing.get_origin(option) is list and isinstance(value, list):
-            (item,) = typing.get_args(option)
-            return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-    names = " or ".join(getattr(o, "__name__", str(o)) for o in options)
-    raise ParamsError(
-        f"params.yaml: {key}: expected {names}, got {type(value).__name__} {value!r}"
-        + (" (write floats as 1.0e-3)" if float in options else "")
-    )
-
-
-def _finite(value: float, key: str) -> float:
-    """Refuse inf and nan: `x > 0` holds for inf, and a run would "succeed" with NaN weights."""
-    if not math.isfinite(value):
-        raise ParamsError(f"params.yaml: {key}: must be a finite number, got {value}")
-    return value
-
-
-def _check_keys(raw: dict, expected: list[str], kind: str, prefix: str) -> None:
-    """Refuse unknown and missing keys, naming the first of each."""
-    unknown = sorted(set(raw) - set(expected))
-    if unknown:
-        raise ParamsError(
-            f"params.yaml: unknown {kind} {prefix}{unknown[0]}; expected: {', '.join(expected)}"
-        )
-    missing = [k for k in expected if k not in raw]
-    if missing:
-        renamed_from = [old for old, new in RENAMED.items() if new == f"{prefix}{missing[0]}"]
-        hint = f" (it was {renamed_from[0]})" if renamed_from else ""
-        raise ParamsError(f"params.yaml: missing {kind} {prefix}{missing[0]}{hint}")
-
-
 def _section(cls: type, raw: Any, name: str) -> Any:
     if not isinstance(raw, dict):
         raise ParamsError(f"params.yaml: section {name!r} must be a mapping of keys to values")
     hints = typing.get_type_hints(cls)
     expected = [f.name for f in fields(cls)]
-    _check_keys(raw, expected, "key", f"{name}.")
-    section = cls(**{k: _coerce(raw[k], hints[k], f"{name}.{k}") for k in expected})
+    check_keys(raw, expected, "key", f"{name}.")
+    section = cls(**{k: coerce(raw[k], hints[k], f"{name}.{k}") for k in expected})
     section.validate()
     return section
 
@@ -401,22 +333,22 @@ def parse_params(raw: Any) -> Params:
             raise ParamsError(
                 f"params.yaml: {old} is now {new}; move the value there (see CHANGELOG.md)"
             )
-    _check_keys(raw, expected, "section", "")
+    check_keys(raw, expected, "section", "")
     params = Params(**{k: _section(hints[k], raw[k], k) for k in expected})
     spec = backbone_spec(params.backbone.name)  # a timm name: its config, no weights
-    _check(
+    check(
         params.finetune.unfreeze <= spec.num_blocks,
         "finetune.unfreeze",
         f"{params.finetune.unfreeze} is more blocks than {params.backbone.name} has "
         f"({spec.num_blocks}); use 0..{spec.num_blocks}",
     )
-    _check(
+    check(
         not spec.fixed_size or params.backbone.image_size in ("auto", spec.default_size),
         "backbone.image_size",
         f"{params.backbone.name} takes {spec.default_size} px only; set it to auto or "
         f"{spec.default_size}",
     )
-    _check(
+    check(
         params.finetune.batch_size % params.compute.nproc == 0,
         "finetune.batch_size",
         f"{params.finetune.batch_size} does not split evenly over compute.nproc "
@@ -425,19 +357,13 @@ def parse_params(raw: Any) -> Params:
     return params
 
 
-def _read_yaml(text: str) -> Any:
-    """Parse as DVC does: ruamel's safe loader, YAML 1.2 (`1e-3` is 0.001, `012` is 12, `on`
-    is a string). Safe: tags that would construct Python objects are refused."""
-    return YAML(typ="safe", pure=True).load(text)
-
-
 def load_params(path: str | Path = "params.yaml") -> Params:
     """Read, type-check and validate params.yaml; raise ParamsError naming the key on problems."""
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path}: not found; run from the project root, where params.yaml is")
     try:
-        raw = _read_yaml(path.read_text(encoding="utf-8"))
+        raw = read_yaml(path.read_text(encoding="utf-8"))
     except YAMLError as error:
         raise ParamsError(f"{path}: not valid YAML: {error}") from error
     return parse_params(raw)
