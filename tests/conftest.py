@@ -107,6 +107,7 @@ def valid_params() -> dict:
             "patience": 15,
             "label_smoothing": 0.0,
             "class_weight": "none",
+            "select": "accuracy",
             "seed": 0,
         },
         "finetune": {
@@ -119,11 +120,18 @@ def valid_params() -> dict:
             "patience": 5,
             "label_smoothing": 0.1,
             "class_weight": "none",
+            "sampler": "shuffle",
+            "select": "accuracy",
             "augment": "light",
+            "mixup": 0.0,
+            "cutmix": 0.0,
+            "layer_decay": 1.0,
+            "ema": 0.0,
+            "drop_path": 0.0,
             "bn": "frozen",
             "seed": 0,
         },
-        "evaluate": {"calibrate": True},
+        "evaluate": {"calibrate": True, "tta": "none"},
         "compare": {"backbones": ["efficientnet_lite0"], "weights": "none", "image_size": 32},
     }
 

@@ -12,8 +12,11 @@ import yaml
 
 from headstart.backbones import BACKBONES
 from headstart.heads import HEADS
-from headstart.params import Params, ParamsError, load_params, parse_params
+from headstart.inference import TTA
+from headstart.loaders import SAMPLERS
+from headstart.params import CLASS_WEIGHTS, Params, ParamsError, load_params, parse_params
 from headstart.params_doc import params_reference
+from headstart.train import SELECT
 from headstart.transforms import AUGMENTATIONS
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -272,7 +275,17 @@ def test_the_reference_lists_exactly_the_keys_the_dataclasses_accept():
 
 
 @pytest.mark.parametrize(
-    ("key", "registry"), [("head.kind", HEADS), ("finetune.augment", AUGMENTATIONS)]
+    ("key", "registry"),
+    [
+        ("head.kind", HEADS),
+        ("head.select", SELECT),
+        ("head.class_weight", CLASS_WEIGHTS),
+        ("finetune.augment", AUGMENTATIONS),
+        ("finetune.sampler", SAMPLERS),
+        ("finetune.select", SELECT),
+        ("finetune.class_weight", CLASS_WEIGHTS),
+        ("evaluate.tta", TTA),
+    ],
 )
 def test_registry_keys_accept_every_entry_and_nothing_else(params_dict, key, registry):
     section, name = key.split(".")
@@ -283,3 +296,24 @@ def test_registry_keys_accept_every_entry_and_nothing_else(params_dict, key, reg
     with pytest.raises(ParamsError, match=re.escape(key)):
         parse_params(params_dict)
     assert all(entry in params_reference() for entry in registry)
+
+
+@pytest.mark.parametrize(
+    ("key", "bad", "good"),
+    [
+        ("finetune.mixup", -0.1, 0.2),
+        ("finetune.cutmix", -1.0, 1.0),
+        ("finetune.layer_decay", 0.0, 0.75),
+        ("finetune.layer_decay", 1.5, 1.0),
+        ("finetune.ema", 1.0, 0.999),
+        ("finetune.ema", -0.5, 0.0),
+        ("finetune.drop_path", 1.0, 0.1),
+    ],
+)
+def test_recipe_numbers_are_range_checked_naming_the_key(params_dict, key, bad, good):
+    section, name = key.split(".")
+    params_dict[section][name] = good
+    assert getattr(getattr(parse_params(params_dict), section), name) == good
+    params_dict[section][name] = bad
+    with pytest.raises(ParamsError, match=re.escape(key)):
+        parse_params(params_dict)

@@ -25,6 +25,9 @@ from headstart.runtime import release_freed_memory
 # Said when the caller did not name its batch size key: the keys that set batch sizes.
 _BATCH_SIZE_KEYS = "head.batch_size, finetune.batch_size or inference.batch_size"
 
+# evaluate.tta and predict --tta: test-time augmentation of a classifier on images.
+TTA = ("none", "flip")
+
 
 def _is_out_of_memory(error: BaseException) -> bool:
     """CUDA's OutOfMemoryError, or a RuntimeError from another allocator that says so."""

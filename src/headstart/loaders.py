@@ -21,6 +21,9 @@ if TYPE_CHECKING:  # loaders do not import distributed at run time
     from headstart.distributed import World
     from headstart.index import Images
 
+# finetune.sampler: the order training visits the images in (see `sampling`).
+SAMPLERS = ("shuffle", "balanced")
+
 
 class ImageDataset(Dataset):
     """(image tensor, label index) for paths relative to root; errors name the file.

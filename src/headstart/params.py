@@ -25,7 +25,10 @@ from ruamel.yaml.error import YAMLError
 from headstart.backbones import BACKBONES, TIMM_PREFIX, backbone_spec
 from headstart.errors import ParamsError
 from headstart.heads import HEADS
+from headstart.inference import TTA
+from headstart.loaders import SAMPLERS
 from headstart.params_types import RENAMED, check, check_keys, coerce, doc, read_yaml
+from headstart.train import SELECT
 from headstart.transforms import AUGMENTATIONS
 
 __all__ = ["ParamsError", "Params", "load_params", "parse_params", "as_dict"]
@@ -38,6 +41,10 @@ CLASS_WEIGHTS = ("none", "balanced")
 CLASS_WEIGHT_DOC = (
     "`none` | `balanced`: each class's loss weighted by N / (classes x its train images), so "
     "a rare class counts as much as a common one (logreg: scikit-learn's `balanced`)."
+)
+SELECT_DOC = (
+    f"The val metric that picks the best epoch and drives early stopping: {' | '.join(SELECT)} "
+    "(ties broken by val loss). On skewed classes, `balanced_accuracy` or `macro_f1`."
 )
 
 
@@ -204,9 +211,10 @@ class HeadParams:
     weight_decay: float = doc("AdamW weight decay.")
     epochs: int = doc("Most epochs to train.")
     batch_size: int = doc("Features per training batch.")
-    patience: int = doc("Stop after this many epochs without a better val accuracy.")
+    patience: int = doc("Stop after this many epochs without a better val `select` metric.")
     label_smoothing: float = doc("Cross-entropy label smoothing, in [0, 1).")
     class_weight: str = doc(CLASS_WEIGHT_DOC)
+    select: str = doc(SELECT_DOC + " logreg picks its C by it.")
     seed: int = doc("Seed for initialisation and shuffling.")
 
     def validate(self) -> None:
@@ -218,6 +226,7 @@ class HeadParams:
         check(self.patience >= 1, "head.patience", "must be >= 1")
         check(0 <= self.label_smoothing < 1, "head.label_smoothing", "must be in [0, 1)")
         check(self.class_weight in CLASS_WEIGHTS, "head.class_weight", "none or balanced")
+        check(self.select in SELECT, "head.select", f"must be one of {', '.join(SELECT)}")
 
 
 @dataclass(frozen=True)
@@ -236,12 +245,37 @@ class FinetuneParams:
     weight_decay: float = doc("AdamW weight decay (not applied to biases and norms).")
     epochs: int = doc("Most epochs to train.")
     batch_size: int = doc("Images per training batch; a multiple of compute.nproc.")
-    patience: int = doc("Stop after this many epochs without a better val accuracy.")
+    patience: int = doc("Stop after this many epochs without a better val `select` metric.")
     label_smoothing: float = doc("Cross-entropy label smoothing, in [0, 1).")
     class_weight: str = doc(CLASS_WEIGHT_DOC)
+    sampler: str = doc(
+        f"{' | '.join(SAMPLERS)}: `shuffle` visits every image once an epoch; `balanced` draws "
+        "each batch's images with replacement, every class equally often (the same number of "
+        "steps an epoch; deterministic from `seed`)."
+    )
+    select: str = doc(SELECT_DOC)
     augment: str = doc(
         f"Augmentation policy: {' | '.join(AUGMENTATIONS)}. `light`: small shifts, rotations "
-        "and scale, no flips. `none` computes the frozen blocks once and trains only the top."
+        "and scale, no flips (digits, text). `photo`: random-resized crop, horizontal flip, "
+        "mild colour jitter (natural images). `strong`: `photo` plus TrivialAugmentWide and "
+        "random erasing. `none` computes the frozen blocks once and trains only the top."
+    )
+    mixup: float = doc(
+        "MixUp alpha (torchvision's MixUp): 0 is off; 0.2 to 0.4 is typical. With `cutmix` "
+        "too, each batch gets one of the two."
+    )
+    cutmix: float = doc("CutMix alpha (torchvision's CutMix): 0 is off; 1.0 is typical.")
+    layer_decay: float = doc(
+        "Layer-wise learning-rate decay in (0, 1]: the k-th unfrozen block below the top "
+        "trains at lr_backbone x layer_decay^k (1.0: all at lr_backbone)."
+    )
+    ema: float = doc(
+        "Decay of an exponential moving average of the weights, in [0, 1): 0 is off; e.g. "
+        "0.999. When on, the averaged weights are validated and saved."
+    )
+    drop_path: float = doc(
+        "Stochastic depth rate in [0, 1) for the trained blocks, for backbones that have it "
+        "(timm models, efficientnet_lite*); 0 is off."
     )
     bn: str = doc(
         "`frozen` (keep the pretrained BatchNorm statistics) | `train` (re-estimate them)."
@@ -258,6 +292,13 @@ class FinetuneParams:
         check(self.patience >= 1, "finetune.patience", "must be >= 1")
         check(0 <= self.label_smoothing < 1, "finetune.label_smoothing", "must be in [0, 1)")
         check(self.class_weight in CLASS_WEIGHTS, "finetune.class_weight", "none or balanced")
+        check(self.sampler in SAMPLERS, "finetune.sampler", f"must be one of {', '.join(SAMPLERS)}")
+        check(self.select in SELECT, "finetune.select", f"must be one of {', '.join(SELECT)}")
+        check(self.mixup >= 0, "finetune.mixup", "must be >= 0 (0 is off)")
+        check(self.cutmix >= 0, "finetune.cutmix", "must be >= 0 (0 is off)")
+        check(0 < self.layer_decay <= 1, "finetune.layer_decay", "must be in (0, 1] (1 is off)")
+        check(0 <= self.ema < 1, "finetune.ema", "must be in [0, 1) (0 is off)")
+        check(0 <= self.drop_path < 1, "finetune.drop_path", "must be in [0, 1) (0 is off)")
         check(
             self.augment in AUGMENTATIONS,
             "finetune.augment",
@@ -271,9 +312,14 @@ class EvaluateParams:
     """Test metrics and calibration (read by evaluate)."""
 
     calibrate: bool = doc("Fit a temperature on the validation split; predict and export apply it.")
+    tta: str = doc(
+        f"Test-time augmentation of the fine-tuned model: {' | '.join(TTA)}. `flip`: the mean "
+        "of the logits of the image and its mirror (only where a mirror image is the same "
+        "class). The head, on cached features, is scored without."
+    )
 
     def validate(self) -> None:
-        pass  # a bool is all it can be; _coerce has checked the type
+        check(self.tta in TTA, "evaluate.tta", f"must be one of {', '.join(TTA)}")
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,9 @@ from headstart.inference import autocast, evaluate_loss_accuracy, explain_out_of
 
 log = logging.getLogger(__name__)
 
+# head.select and finetune.select: the val metric that picks the best epoch.
+SELECT = ("accuracy", "balanced_accuracy", "macro_f1")
+
 
 @dataclass
 class FitResult:
