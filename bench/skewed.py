@@ -1,13 +1,15 @@
-"""Skewed classes: class weights against none, on a skewed copy of the built-in digits.
+"""Skewed classes: class weights and the balanced sampler against neither, on a skewed copy
+of the built-in digits.
 
 Class k of the digits keeps 25^(-k/9) of its training images (digit 0 all of them, digit 9 a
 25th: about 20:1 largest to smallest, printed); validation and test stay as prepare splits the full
 digits, so both are balanced enough to measure every class. Features are extracted once (the
 committed backbone params); then, through the stages' own functions, heads with
-`head.class_weight` none and balanced over several seeds, and fine-tuning with
-`finetune.class_weight` none and balanced over fewer seeds (it costs more). Prints test
-balanced accuracy and accuracy, mean and spread (sample standard deviation), per setting; the
-last line compares balanced accuracy with and without the weights.
+`head.class_weight` none and balanced over several seeds (and `head.kind: logreg` beside
+them), and fine-tuning with `finetune.class_weight` none and balanced, and with
+`finetune.sampler: balanced`, over fewer seeds (it costs more). Prints test balanced accuracy
+and accuracy, mean and spread (sample standard deviation), per setting; the last line compares
+balanced accuracy with and without the weights, and with the sampler.
 
     python bench/skewed.py                                  # 5 head seeds, 2 fine-tune seeds
     python bench/skewed.py --head-seeds 10 --finetune-seeds 3 --finetune-epochs 15
@@ -118,6 +120,10 @@ def main() -> None:
             with torch.inference_mode():
                 record(f"head, class_weight {weight}", head(test_x).argmax(1).numpy())
             heads[(weight, seed)] = (head, head_meta(features, head_params, summary, {}))
+            logreg_params = dataclasses.replace(head_params, kind="logreg")
+            logreg, _ = train_head(features, logreg_params)
+            with torch.inference_mode():
+                record(f"head logreg, class_weight {weight}", logreg(test_x).argmax(1).numpy())
 
     steps = preprocessing(features.meta)
     test_images = image_loader(
@@ -128,11 +134,20 @@ def main() -> None:
         batch_size=params.inference.batch_size,
         num_workers=params.compute.num_workers,
     )
-    for weight in ("none", "balanced"):
+    settings = {
+        "class_weight none": ("none", "shuffle"),
+        "class_weight balanced": ("balanced", "shuffle"),
+        "sampler balanced": ("none", "balanced"),
+    }
+    for name, (weight, sampler) in settings.items():
         for seed in range(args.finetune_seeds):
             head, meta = heads[(weight, seed)]  # LP-FT from the head of the same weighting
             ft = dataclasses.replace(
-                params.finetune, class_weight=weight, seed=seed, epochs=args.finetune_epochs
+                params.finetune,
+                class_weight=weight,
+                sampler=sampler,
+                seed=seed,
+                epochs=args.finetune_epochs,
             )
             result = finetune(
                 prepared,
@@ -144,14 +159,14 @@ def main() -> None:
                 scratch_dir=root,
             )
             logits, _ = run_inference(result.model, test_images, torch.device("cpu"))
-            record(f"fine-tuned, class_weight {weight}", logits.argmax(1))
+            record(f"fine-tuned, {name}", logits.argmax(1))
 
     print()
-    print(f"{'setting':<34}{'runs':>5}  {'test balanced accuracy':>24}  {'test accuracy':>18}")
+    print(f"{'setting':<42}{'runs':>5}  {'test balanced accuracy':>24}  {'test accuracy':>18}")
     for name, scores in results.items():
         runs = len(scores["accuracy"])
         print(
-            f"{name:<34}{runs:>5}  {_spread(scores['balanced_accuracy']):>24}  "
+            f"{name:<42}{runs:>5}  {_spread(scores['balanced_accuracy']):>24}  "
             f"{_spread(scores['accuracy']):>18}"
         )
     shutil.rmtree(root, ignore_errors=True)
@@ -160,6 +175,8 @@ def main() -> None:
         none = statistics.mean(results[f"{model}, class_weight none"]["balanced_accuracy"])
         balanced = statistics.mean(results[f"{model}, class_weight balanced"]["balanced_accuracy"])
         parts.append(f"{model} {none:.4f} -> {balanced:.4f} ({balanced - none:+.4f})")
+    sampled = statistics.mean(results["fine-tuned, sampler balanced"]["balanced_accuracy"])
+    parts.append(f"fine-tuned, sampler balanced {sampled:.4f}")
     print(f"balanced accuracy, class_weight none -> balanced: {'; '.join(parts)}")
 
 

@@ -481,13 +481,14 @@ def test_batch_order_depends_on_the_generator_alone(image_folder):
     assert from_files[0] != sorted(from_files[0])  # shuffled
 
 
-def test_augmentation_does_not_depend_on_the_loader_workers(image_folder):
+@pytest.mark.parametrize("augment", ["light", "photo", "strong"])
+def test_augmentation_does_not_depend_on_the_loader_workers(image_folder, augment):
     """Each image's augmentation comes from its own seed (SeededOrder): the same tensors with
-    0 or 2 worker processes."""
+    0 or 2 worker processes, for every policy."""
     import torch
 
     images = _images(folders.index_image_folder(image_folder).samples)
-    transform = transforms.train_transform("light", size=16, mean=(0.5,) * 3, std=(0.5,) * 3)
+    transform = transforms.train_transform(augment, size=16, mean=(0.5,) * 3, std=(0.5,) * 3)
 
     def epochs(num_workers: int) -> list[torch.Tensor]:
         loader = loaders.image_loader(

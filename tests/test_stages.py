@@ -486,25 +486,28 @@ def test_evaluate_without_calibration(pipeline, tmp_path, params_dict, write_par
 
 
 @pytest.mark.parametrize(
-    ("augment", "chosen"),
+    ("augment", "mixup", "chosen"),
     [
-        ("none", "caching the activations below the top 1 blocks once"),
-        ("light", "augment light, unfreeze 1 of 8 blocks: every epoch runs the whole backbone"),
+        ("none", 0.0, "caching the activations below the top 1 blocks once"),
+        ("light", 0.0, "augment light, unfreeze 1 of 8 blocks: every epoch runs the whole"),
+        ("none", 0.2, "augment none with MixUp/CutMix, unfreeze 1 of 8 blocks: every epoch"),
     ],
 )
 def test_finetune_picks_cached_activations_without_augmentation(
-    pipeline, tmp_path, monkeypatch, params_dict, write_params, caplog, augment, chosen
+    pipeline, tmp_path, monkeypatch, params_dict, write_params, caplog, augment, mixup, chosen
 ):
     """augment none: the stage picks the cached-activation path itself, says so, and leaves
-    nothing but the model behind; with augmentation, the whole backbone runs every epoch."""
+    nothing but the model behind; with augmentation (MixUp too: it mixes images, not the
+    activations at the cut), the whole backbone runs every epoch."""
     import shutil
 
     work = tmp_path / "work"
     shutil.copytree(pipeline, work)
     params_dict["finetune"]["augment"] = augment
+    params_dict["finetune"]["mixup"] = mixup
     write_params(work, params_dict)
     monkeypatch.chdir(work)
-    if augment == "none":  # what a killed run leaves: removed by the next one
+    if chosen.startswith("caching"):  # what a killed run leaves: removed by the next one
         (work / "models" / ".finetune-activations-killed").mkdir()
         (work / "models" / ".finetune-activations-killed" / "train.npy").write_bytes(b"x")
     with caplog.at_level("INFO", logger="headstart"):
@@ -622,3 +625,45 @@ def test_extract_copies_a_leaderboard_extraction_only_when_it_is_exactly_its_own
     caplog.clear()
     extract.main(["images", "prepared", "other", "--reuse-from", "compare"])
     assert "copied, not recomputed" not in caplog.text
+
+
+def test_finetune_stage_runs_the_whole_recipe(
+    pipeline, tmp_path, monkeypatch, params_dict, write_params, caplog
+):
+    """Every recipe key at once on real images: strong augmentation, MixUp and CutMix, the
+    balanced sampler and class weights, layer decay, weight EMA, stochastic depth, and the
+    best epoch chosen by macro-F1; the checkpoint records them and evaluate scores the model."""
+    import shutil
+
+    work = shutil.copytree(pipeline, tmp_path / "work")
+    recipe = {
+        "augment": "strong",
+        "mixup": 0.2,
+        "cutmix": 1.0,
+        "sampler": "balanced",
+        "class_weight": "balanced",
+        "layer_decay": 0.7,
+        "ema": 0.9,
+        "drop_path": 0.1,
+        "select": "macro_f1",
+        "unfreeze": 2,
+        "epochs": 2,
+    }
+    params_dict["finetune"] |= recipe
+    params_dict["evaluate"]["tta"] = "none"
+    write_params(work, params_dict)
+    monkeypatch.chdir(work)
+    with caplog.at_level("INFO", logger="headstart"):
+        load_stage("finetune").main(STAGE_ARGV["finetune"])
+    assert "augment strong with MixUp/CutMix, unfreeze 2 of 8 blocks" in caplog.text
+    assert "weight EMA: decay 0.9" in caplog.text
+    assert "param group backbone_block6" in caplog.text  # one group per block: layer decay
+    assert "val macro f1" in caplog.text
+    _, meta = load_classifier(work / "models/finetuned.pt")
+    assert {k: meta["params"]["finetune"][k] for k in recipe} == recipe
+    assert "best_val_macro_f1" in meta["summary"]
+    summary = _read_json(work / "dvclive/finetune/metrics.json")
+    assert 0.0 <= summary["best_val_macro_f1"] <= 1.0
+    load_stage("evaluate").main(STAGE_ARGV["evaluate"])
+    metrics = _read_json(work / "metrics/evaluate.json")
+    assert 0.0 <= metrics["finetuned"]["balanced_accuracy"] <= 1.0

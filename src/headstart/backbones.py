@@ -89,6 +89,10 @@ class Backbone(nn.Module):
         """What each block is, for the log: its module type."""
         return [type(block).__name__ for block in self.blocks]
 
+    def block_parameters(self) -> list[list[nn.Parameter]]:
+        """Each block's parameters, bottom to top (finetune.layer_decay's depths)."""
+        return [list(block.parameters()) for block in self.blocks]
+
 
 class Pool(nn.Module):
     """Global average pooling, then an optional norm on the pooled vector."""
@@ -114,6 +118,7 @@ class BackboneSpec:
     interpolation: str = "bicubic"  # of the resize before the centre crop
     crop_pct: float = 1.0  # the crop's share of the resized short side
     fixed_size: bool = False  # takes default_size only (a ViT without position interpolation)
+    drop_path: bool = False  # has stochastic depth: build(weights, drop_path=rate) is accepted
 
 
 # --------------------------------------------------------------------------------------------
@@ -121,15 +126,17 @@ class BackboneSpec:
 
 
 class _LiteStage(nn.Module):
-    """Consecutive MBConv blocks of one stage (calling them without stochastic depth)."""
+    """Consecutive MBConv blocks of one stage; `rates`: each block's stochastic depth rate
+    (drop connect, applied by the block in training mode only), 0 for none."""
 
-    def __init__(self, blocks: list[nn.Module]):
+    def __init__(self, blocks: list[nn.Module], rates: list[float]):
         super().__init__()
         self.layers = nn.ModuleList(blocks)
+        self.rates = rates
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers:
-            x = layer(x)
+        for layer, rate in zip(self.layers, self.rates, strict=True):
+            x = layer(x, drop_connect_rate=rate) if rate else layer(x)
         return x
 
 
@@ -141,13 +148,13 @@ def _lite_weights_file(variant: int) -> Path:
 
 
 def _build_efficientnet_lite(variant: int) -> Callable[[str], Backbone]:
-    def build(weights: str) -> Backbone:
-        return _efficientnet_lite(variant, weights)
+    def build(weights: str, drop_path: float = 0.0) -> Backbone:
+        return _efficientnet_lite(variant, weights, drop_path)
 
     return build
 
 
-def _efficientnet_lite(variant: int, weights: str) -> Backbone:
+def _efficientnet_lite(variant: int, weights: str, drop_path: float = 0.0) -> Backbone:
     from efficientnet_lite_pytorch import EfficientNet
 
     # image_size=None selects dynamic "same" padding, correct at any input size.
@@ -157,17 +164,18 @@ def _efficientnet_lite(variant: int, weights: str) -> Backbone:
         architecture = f"backbone.name efficientnet_lite{variant}"
         load_weights(path, net, load_state_dict_file(path), architecture)
     # Group the 16 MBConv blocks into their 7 stages (a stage starts where the width changes).
-    stages: list[list[nn.Module]] = []
+    # Stochastic depth grows linearly with depth, as EfficientNet's drop connect does.
+    stages: list[list[tuple[nn.Module, float]]] = []
     previous_width = None
-    for block in net._blocks:
+    for index, block in enumerate(net._blocks):
         width = block._block_args.output_filters
         if width != previous_width:
             stages.append([])
             previous_width = width
-        stages[-1].append(block)
+        stages[-1].append((block, drop_path * index / len(net._blocks)))
     stem = nn.Sequential(net._conv_stem, net._bn0, nn.ReLU6())
     head_conv = nn.Sequential(net._conv_head, net._bn1, nn.ReLU6())  # 320 -> 1280, 1x1
-    blocks = [_LiteStage(stage) for stage in stages] + [head_conv]
+    blocks = [_LiteStage([b for b, _ in s], [r for _, r in s]) for s in stages] + [head_conv]
     return Backbone(stem, blocks, Pool(), width=net._conv_head.out_channels)
 
 
@@ -294,7 +302,13 @@ BACKBONES: dict[str, BackboneSpec] = {
     # The input sizes the Lite variants were trained at; 7 stages + the 1x1 head conv each.
     **{
         f"efficientnet_lite{v}": BackboneSpec(
-            f"efficientnet_lite{v}", _build_efficientnet_lite(v), LITE_MEAN, LITE_STD, size, 8
+            f"efficientnet_lite{v}",
+            _build_efficientnet_lite(v),
+            LITE_MEAN,
+            LITE_STD,
+            size,
+            8,
+            drop_path=True,
         )
         for v, size in ((0, 224), (1, 240), (2, 260))
     },
@@ -324,16 +338,20 @@ def backbone_spec(name: str) -> BackboneSpec:
     return BACKBONES[name]
 
 
-def build_backbone(name: str, weights: str) -> nn.Module:
-    """Build a backbone with the given weights spec (see module docstring)."""
+def build_backbone(name: str, weights: str, drop_path: float = 0.0) -> nn.Module:
+    """Build a backbone with the given weights spec (see module docstring) and stochastic depth
+    rate (`drop_path`, in training mode only; 0: none, which every family takes)."""
     spec = backbone_spec(name)
+    if drop_path and not spec.drop_path:
+        raise ParamsError(drop_path_unsupported(name))
+    options = {"drop_path": drop_path} if drop_path else {}
     if weights == "none":
         # Random init from a fixed seed, so extract and finetune build the same network.
         with torch.random.fork_rng():
             torch.manual_seed(0)
-            backbone = spec.build(weights)
+            backbone = spec.build(weights, **options)
     else:
-        backbone = spec.build(weights)
+        backbone = spec.build(weights, **options)
     log.info(
         "backbone %s (weights: %s): %d blocks, %d features",
         name,
@@ -342,6 +360,13 @@ def build_backbone(name: str, weights: str) -> nn.Module:
         backbone.num_features,
     )
     return backbone
+
+
+def drop_path_unsupported(name: str) -> str:
+    return (
+        f"params.yaml: finetune.drop_path: {name} has no stochastic depth here; set it to 0.0, "
+        "or use efficientnet_lite* or a timm: model"
+    )
 
 
 def load_state_dict_file(path: Path, fix: str = "replace it") -> dict[str, torch.Tensor]:

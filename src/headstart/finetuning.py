@@ -44,7 +44,13 @@ from headstart.train import (
     live_logger,
     training_curves,
 )
-from headstart.transforms import decode_size, eval_transform, preprocessing, train_transform
+from headstart.transforms import (
+    batch_mix,
+    decode_size,
+    eval_transform,
+    preprocessing,
+    train_transform,
+)
 
 if TYPE_CHECKING:
     from headstart.index import PreparedData
@@ -82,13 +88,17 @@ def finetune(
     ranks under torchrun (only rank 0 writes).
 
     `cache`: train the top blocks on activations cached once at the cut; None (the stage's
-    choice) caches exactly when `ft.augment` is none. False forces the whole backbone every
-    epoch, so a benchmark can run both paths on the same settings.
+    choice) caches exactly when nothing changes the images (`ft.augment` none, no MixUp or
+    CutMix). False forces the whole backbone every epoch, so a benchmark can run both paths on
+    the same settings.
     """
+    mixing = ft.mixup > 0 or ft.cutmix > 0
     if cache is None:
-        cache = ft.augment == "none"
-    elif cache and ft.augment != "none":
-        raise ValueError("cached activations cannot be augmented: use finetune.augment none")
+        cache = ft.augment == "none" and not mixing
+    elif cache and (ft.augment != "none" or mixing):
+        raise ValueError(
+            "cached activations cannot be augmented: use finetune.augment none, no mixup/cutmix"
+        )
     from headstart.params import as_dict
 
     features = head_meta["features_meta"]
@@ -99,12 +109,14 @@ def finetune(
         precision = resolve_precision(compute.precision, device, training=True)
         log.info("fine-tuning on %s (%s)", device, precision_name(precision))
         generator = seed_everything(ft.seed)
-        model = Classifier(
-            build_backbone(backbone_params.name, backbone_params.weights), len(prepared.classes)
-        )
+        backbone = build_backbone(backbone_params.name, backbone_params.weights, ft.drop_path)
+        model = Classifier(backbone, len(prepared.classes))
         model.head.load_state_dict(head_state)  # warm start: LP-FT
         frozen = set_trainable(model, ft.unfreeze)
-        groups = param_groups(model, ft.lr_head, ft.lr_backbone, ft.weight_decay)
+        groups = param_groups(
+            model, ft.lr_head, ft.lr_backbone, ft.weight_decay, layer_decay=ft.layer_decay
+        )
+        train_labels = prepared.split("train").labels
 
         steps = preprocessing(features)  # the resize and normalisation the features were made with
         loader_options = {
@@ -167,7 +179,15 @@ def finetune(
                 # loaders.sampling).
                 train = DataLoader(
                     cached["train"],
-                    **sampling(cached["train"], ft.batch_size, True, generator, world),
+                    **sampling(
+                        cached["train"],
+                        ft.batch_size,
+                        True,
+                        generator,
+                        world,
+                        ft.sampler,
+                        train_labels,
+                    ),
                 )
                 val = DataLoader(
                     cached["val"], **sampling(cached["val"], ft.batch_size, False, None, world)
@@ -175,7 +195,7 @@ def finetune(
             else:
                 log.info(
                     "augment %s, unfreeze %d of %d blocks: every epoch runs the whole backbone",
-                    ft.augment,
+                    ft.augment + (" with MixUp/CutMix" if mixing else ""),
                     ft.unfreeze,
                     blocks,
                 )
@@ -185,6 +205,7 @@ def finetune(
                     train_transform(ft.augment, **steps),
                     shuffle=True,
                     generator=generator,
+                    sampler=ft.sampler,
                 )
                 val = images("val", eval_transform(**steps))
             live = None
@@ -210,8 +231,11 @@ def finetune(
                 # so fine-tuning never ships a model worse on val than the probe it started as.
                 validate_start=True,
                 class_weight=balanced_class_weight(
-                    prepared.split("train").labels, len(prepared.classes), ft.class_weight
+                    train_labels, len(prepared.classes), ft.class_weight
                 ),
+                select=ft.select,
+                ema=ft.ema,
+                batch_transform=batch_mix(ft.mixup, ft.cutmix, len(prepared.classes)),
             )
             if live:
                 live.summary.update(_summary(result))
@@ -228,21 +252,20 @@ def finetune(
             "crop_pct": steps["crop_pct"],
             "classes": prepared.classes,
             "params": {"backbone": as_dict(backbone_params), "finetune": as_dict(ft)},
-            "summary": {
-                "best_epoch": result.best_epoch,
-                "val_accuracy": result.best_val_accuracy,
-                "probe_val_accuracy": result.start_val_accuracy,
-            },
+            "summary": _summary(result, "val_accuracy"),
             "environment": describe(device, precision, world.size),
         }
         return Finetuned(model, meta, result)
 
 
-def _summary(result: FitResult) -> dict[str, Any]:
-    """The curves' summary: the best epoch (0: no epoch beat the linear probe it started as,
-    which is what ships), its val accuracy and the probe's."""
-    return {
+def _summary(result: FitResult, accuracy_key: str = "best_val_accuracy") -> dict[str, Any]:
+    """The best epoch (0: no epoch beat the linear probe it started as, which is what ships),
+    its val accuracy (and its `select` metric, when that is not accuracy) and the probe's."""
+    summary = {
         "best_epoch": result.best_epoch,
-        "best_val_accuracy": result.best_val_accuracy,
+        accuracy_key: result.best_val_accuracy,
         "probe_val_accuracy": result.start_val_accuracy,
     }
+    if result.select != "accuracy":
+        summary[f"best_val_{result.select}"] = result.best_val_score
+    return summary

@@ -103,13 +103,17 @@ def train_linear(
         class_weight=balanced_class_weight(
             features.train_y, features.num_classes, params.class_weight
         ),
+        select=params.select,
         device=torch.device("cpu"),
         on_epoch=on_epoch,
         desc="head",
         batch_size_key="head.batch_size",
         lr_keys="head.lr",
     )
-    return head, {"best_epoch": result.best_epoch, "best_val_accuracy": result.best_val_accuracy}
+    summary = {"best_epoch": result.best_epoch, "best_val_accuracy": result.best_val_accuracy}
+    if params.select != "accuracy":
+        summary[f"best_val_{params.select}"] = result.best_val_score
+    return head, summary
 
 
 def train_logreg(
@@ -125,6 +129,7 @@ def train_logreg(
         params.seed,
         on_epoch,
         class_weight=None if params.class_weight == "none" else "balanced",
+        select=params.select,
     )
 
 
@@ -137,13 +142,24 @@ def fit_logreg(
     seed: int,
     on_candidate: Callable[[dict[str, float]], None] | None = None,
     class_weight: str | None = None,
+    select: str = "accuracy",
 ) -> tuple[nn.Linear, dict[str, float]]:
-    """Multinomial logistic regression with C chosen on the validation split, as a nn.Linear.
+    """Multinomial logistic regression with C chosen on the validation split by the `select`
+    metric (ties: the smaller C), as a nn.Linear.
 
     Features are standardised for the solver, and the scaling is folded back into the weights
     (W' = W / sigma, b' = b - W' mu), so the returned layer takes raw features like any head.
     """
     from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
+
+    scorers = {
+        "accuracy": accuracy_score,
+        "balanced_accuracy": balanced_accuracy_score,
+        "macro_f1": lambda y, p: f1_score(
+            y, p, labels=list(range(num_classes)), average="macro", zero_division=0
+        ),
+    }
 
     mean = train_x.mean(0)
     std = train_x.std(0) + 1e-6
@@ -152,13 +168,16 @@ def fit_logreg(
     for step, c in enumerate((0.001, 0.01, 0.1, 1.0, 10.0)):
         clf = LogisticRegression(C=c, max_iter=3000, random_state=seed, class_weight=class_weight)
         clf.fit(scaled_train, train_y)
-        accuracy = float(clf.score(scaled_val, val_y))
-        log.info("logreg C=%g: val accuracy %.4f", c, accuracy)
+        predicted = clf.predict(scaled_val)
+        accuracy = float(accuracy_score(val_y, predicted))
+        score = float(scorers[select](val_y, predicted))
+        log.info("logreg C=%g: val accuracy %.4f, %s %.4f", c, accuracy, select, score)
+        record = {"step": step, "C": c, "val_accuracy": accuracy}
         if on_candidate is not None:
-            on_candidate({"step": step, "C": c, "val_accuracy": accuracy})
-        if best is None or accuracy > best[0]:
-            best = (accuracy, c, clf)
-    accuracy, c, clf = best
+            on_candidate(record | ({} if select == "accuracy" else {f"val_{select}": score}))
+        if best is None or score > best[0]:
+            best = (score, accuracy, c, clf)
+    score, accuracy, c, clf = best
     if len(clf.classes_) != num_classes:
         raise DataError(
             f"train split has {len(clf.classes_)} of {num_classes} classes; rerun prepare"
@@ -169,7 +188,8 @@ def fit_logreg(
     with torch.no_grad():
         head.weight.copy_(torch.from_numpy(weight).float())
         head.bias.copy_(torch.from_numpy(bias).float())
-    return head, {"C": c, "best_val_accuracy": accuracy}
+    summary = {"C": c, "best_val_accuracy": accuracy}
+    return head, summary | ({} if select == "accuracy" else {f"best_val_{select}": score})
 
 
 # head.kind -> how that kind is trained.

@@ -120,25 +120,52 @@ def run_inference(
     return np.concatenate(outputs), np.concatenate(labels)
 
 
-def evaluate_loss_accuracy(
+def validation_scores(
     model: nn.Module,
     batches: Iterable,
     device: torch.device,
     batch_size_key: str | None = None,
     precision: torch.dtype | None = None,
     desc: str = "validate",
-) -> tuple[float, float]:
-    """(mean loss, accuracy) over the batches; under torchrun, over every rank's batches (a
-    rank may have none). `desc` names the pass in its progress bar and errors."""
-    loss, correct, count = 0.0, 0.0, 0
+) -> dict[str, float]:
+    """Mean loss, accuracy, balanced accuracy and macro-F1 over the batches, as
+    scikit-learn's accuracy_score, balanced_accuracy_score (mean recall of the classes
+    present) and f1_score(average="macro", zero_division=0) over every class would give them;
+    under torchrun, over every rank's batches (a rank may have none), from the summed
+    confusion matrix. `desc` names the pass in its progress bar and errors."""
+    loss, counts = 0.0, None
     for logits, labels in iter_inference(model, batches, device, desc, batch_size_key, precision):
         loss += nn.functional.cross_entropy(
             torch.from_numpy(logits), torch.from_numpy(labels), reduction="sum"
         ).item()
-        correct += float((logits.argmax(1) == labels).sum())
-        count += len(labels)
-    loss, correct, count = sum_over_ranks([loss, correct, count])
-    return loss / count, correct / count
+        if counts is None:
+            counts = np.zeros((logits.shape[1], logits.shape[1]), dtype=np.float64)
+        np.add.at(counts, (labels, logits.argmax(1)), 1.0)
+    # A rank without batches (torchrun, a short split) learns the class count from the others.
+    mine = [0.0, 0.0] if counts is None else [float(len(counts)), 1.0]
+    class_total, ranks_with_batches = sum_over_ranks(mine)
+    classes = int(round(class_total / ranks_with_batches))
+    if counts is None:
+        counts = np.zeros((classes, classes))
+    *totals, loss = sum_over_ranks([*counts.ravel().tolist(), loss])
+    confusion = np.asarray(totals).reshape(classes, classes)
+    return {"loss": loss / confusion.sum(), **_confusion_scores(confusion)}
+
+
+def _confusion_scores(confusion: np.ndarray) -> dict[str, float]:
+    """Accuracy, balanced accuracy and macro-F1 of a (true, predicted) count matrix."""
+    true_positive = np.diag(confusion)
+    support, predicted = confusion.sum(1), confusion.sum(0)
+    present = support > 0
+    recall = true_positive[present] / support[present]
+    f1_denominator = support + predicted  # 2 TP + FP + FN
+    f1 = np.zeros_like(true_positive)
+    np.divide(2 * true_positive, f1_denominator, out=f1, where=f1_denominator > 0)
+    return {
+        "accuracy": float(true_positive.sum() / confusion.sum()),
+        "balanced_accuracy": float(recall.mean()),
+        "macro_f1": float(f1.mean()),
+    }
 
 
 def cache_activations(

@@ -78,10 +78,12 @@ def image_loader(
     generator: torch.Generator | None = None,
     world: World | None = None,
     pin_memory: bool = False,
+    sampler: str = "shuffle",
 ) -> torch.utils.data.DataLoader:
     """Batches of (images (B, 3, S, S), labels (B,) int64) for `images`, in their order unless
     shuffled; workers seeded. `decode_size` is the transform's input size S (see ImageDataset);
-    `shuffle`, `generator` and `world` as in `sampling`; `pin_memory` for fast copies to a GPU.
+    `shuffle`, `generator`, `world` and `sampler` as in `sampling`; `pin_memory` for fast
+    copies to a GPU.
     """
     per_image, batch_normalize = split_normalization(transform)
     dataset = ImageDataset(root, images.paths, images.labels, per_image, decode_size)
@@ -93,7 +95,7 @@ def image_loader(
         worker_init_fn=_seed_worker,
         persistent_workers=num_workers > 0,
         pin_memory=pin_memory,
-        **sampling(dataset, batch_size, shuffle, generator, world),
+        **sampling(dataset, batch_size, shuffle, generator, world, sampler, images.labels),
         **options,
     )
 
@@ -123,6 +125,8 @@ def sampling(
     shuffle: bool,
     generator: torch.Generator | None,
     world: World | None = None,
+    sampler: str = "shuffle",
+    labels: Sequence[int] | np.ndarray | None = None,
 ) -> dict[str, Any]:
     """DataLoader arguments (sampler, batch size, generator) that make the batch order a
     function of `generator` alone, and share the batches among the processes of `world`.
@@ -141,9 +145,20 @@ def sampling(
     them (`DealtBatches`, batches of batch_size / world.size), an unshuffled one (inference)
     gives each process whole batches (`WholeBatches`), gathered back in order by
     distributed.gather_in_order.
+
+    `sampler: balanced` (shuffled loaders only; `labels`: each item's class) draws the epoch's
+    items with replacement, each with probability 1 / (classes x its class's count): every
+    class equally often on average, as many items an epoch as `shuffle` visits, drawn from
+    `generator` alone, so they are the same in any number of processes.
     """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; known: {', '.join(SAMPLERS)}")
     seed = generator.initial_seed() if generator is not None else 0
-    order = torch.utils.data.RandomSampler(dataset, generator=generator) if shuffle else None
+    order = None
+    if shuffle and sampler == "balanced":
+        order = balanced_order(labels, generator)
+    elif shuffle:
+        order = torch.utils.data.RandomSampler(dataset, generator=generator)
     if shuffle and isinstance(dataset, ImageDataset):
         order = SeededOrder(order, seed)  # augmentation independent of workers and processes
     rank = world.rank if world is not None else 0
@@ -158,11 +173,24 @@ def sampling(
     return {"sampler": order, "batch_size": batch_size, "generator": loader_generator}
 
 
+def balanced_order(labels, generator: torch.Generator | None) -> torch.utils.data.Sampler:
+    """A WeightedRandomSampler drawing len(labels) items an epoch, each class equally likely."""
+    if labels is None:
+        raise ValueError("sampler balanced needs the items' labels")
+    labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
+    counts = torch.bincount(labels).to(torch.float64)
+    weights = 1.0 / counts[labels]
+    return torch.utils.data.WeightedRandomSampler(
+        weights, len(labels), replacement=True, generator=generator
+    )
+
+
 class SeededOrder(torch.utils.data.Sampler):
     """`order`'s indices paired with a seed each, (index, seed), for ImageDataset: an image's
     augmentation then depends on the seed, the epoch and the image alone, not on which loader
     worker or which process (compute.num_workers, compute.nproc) transforms it. The seeds come
     from a generator of their own, so the order's generator draws what it would without them.
+    An image drawn twice in one epoch (sampler balanced) gets a new seed each time.
     """
 
     def __init__(self, order, seed: int):
@@ -171,8 +199,13 @@ class SeededOrder(torch.utils.data.Sampler):
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         epoch = int(torch.randint(0, 2**62, (1,), generator=self.seeds))
+        drawn: dict[int, int] = {}  # times each index came before, this epoch
+        size = len(self.order)
         for index in self.order:
-            yield index, epoch + index
+            index = int(index)
+            repeat = drawn.get(index, 0)
+            drawn[index] = repeat + 1
+            yield index, epoch + index + repeat * size
 
     def __len__(self) -> int:
         return len(self.order)

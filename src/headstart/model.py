@@ -117,18 +117,33 @@ def train_mode(model: nn.Module, frozen: list[nn.Module], bn: str) -> None:
 
 
 def param_groups(
-    model: Classifier, lr_head: float, lr_backbone: float, weight_decay: float
+    model: Classifier,
+    lr_head: float,
+    lr_backbone: float,
+    weight_decay: float,
+    layer_decay: float = 1.0,
 ) -> list[dict]:
     """Head and backbone groups, each with its own learning rate; only trainable parameters.
 
-    Biases and normalisation weights (1-d tensors) get no weight decay.
+    Biases and normalisation weights (1-d tensors) get no weight decay. With `layer_decay`
+    below 1, the k-th block down from the top trains at lr_backbone * layer_decay^k (the neck,
+    and any trained parameter no block holds, with the top block): the lower a block, the more
+    general its features, and the less fine-tuning should move them.
     """
+    parts = [("head", list(model.head.parameters()), lr_head)]
+    if layer_decay == 1.0:
+        parts.append(("backbone", list(model.backbone.parameters()), lr_backbone))
+    else:
+        blocks = model.backbone.block_parameters()
+        in_blocks = {id(p) for block in blocks for p in block}
+        rest = [p for p in model.backbone.parameters() if id(p) not in in_blocks]
+        for depth, block in enumerate(reversed(blocks)):
+            index = len(blocks) - 1 - depth
+            params = block + (rest if depth == 0 else [])
+            parts.append((f"backbone_block{index}", params, lr_backbone * layer_decay**depth))
     groups = []
-    for name, module, lr in (
-        ("head", model.head, lr_head),
-        ("backbone", model.backbone, lr_backbone),
-    ):
-        params = [p for p in module.parameters() if p.requires_grad]
+    for name, members, lr in parts:
+        params = [p for p in members if p.requires_grad]
         decay = [p for p in params if p.ndim > 1]
         no_decay = [p for p in params if p.ndim <= 1]
         if decay:

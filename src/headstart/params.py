@@ -22,7 +22,7 @@ from typing import Any
 
 from ruamel.yaml.error import YAMLError
 
-from headstart.backbones import BACKBONES, TIMM_PREFIX, backbone_spec
+from headstart.backbones import BACKBONES, TIMM_PREFIX, backbone_spec, drop_path_unsupported
 from headstart.errors import ParamsError
 from headstart.heads import HEADS
 from headstart.inference import TTA
@@ -394,6 +394,8 @@ def parse_params(raw: Any) -> Params:
         f"{params.backbone.name} takes {spec.default_size} px only; set it to auto or "
         f"{spec.default_size}",
     )
+    if params.finetune.drop_path and not spec.drop_path:
+        raise ParamsError(drop_path_unsupported(params.backbone.name))
     check(
         params.finetune.batch_size % params.compute.nproc == 0,
         "finetune.batch_size",

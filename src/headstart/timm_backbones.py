@@ -31,7 +31,12 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from headstart.backbones import TIMM_PREFIX, BackboneSpec, load_state_dict_file
+from headstart.backbones import (
+    TIMM_PREFIX,
+    BackboneSpec,
+    drop_path_unsupported,
+    load_state_dict_file,
+)
 from headstart.errors import ArtifactError, MissingFileError, ParamsError
 
 log = logging.getLogger(__name__)
@@ -63,6 +68,10 @@ def _create(name: str, **kwargs) -> nn.Module:
         )
     try:
         return timm.create_model(arch, **kwargs)
+    except TypeError as error:
+        if "drop_path_rate" not in str(error):
+            raise
+        raise ParamsError(drop_path_unsupported(name)) from error
     except RuntimeError as error:
         if "Invalid pretrained tag" not in str(error):
             raise
@@ -134,6 +143,11 @@ class TimmBackbone(nn.Module):
         frozen = set(self._stem) | {n for block in self._blocks[:cut] for n in block}
         return [m for n, m in self.model.named_modules() if n in frozen]
 
+    def block_parameters(self) -> list[list[nn.Parameter]]:
+        """Each block's parameters, bottom to top (finetune.layer_decay's depths)."""
+        named = dict(self.model.named_parameters())
+        return [[named[n] for n in sorted(block) if n in named] for block in self._blocks]
+
     def block_names(self) -> list[str]:
         """Each block's top-level modules, e.g. `blocks.11+norm` or `stages.3`."""
         modules = {n for n, _ in self.model.named_modules() if n}
@@ -177,35 +191,39 @@ def timm_spec(name: str) -> BackboneSpec:
         interpolation=str(config["interpolation"]),
         crop_pct=float(config["crop_pct"]),
         fixed_size=bool(model.pretrained_cfg.get("fixed_input_size", False)),
+        drop_path=True,  # most timm models; one without it refuses drop_path_rate (_create)
     )
 
 
-def build_timm(name: str, weights: str) -> TimmBackbone:
-    """The timm model `name` with `weights` (`pretrained`, `none`, or a state-dict file)."""
+def build_timm(name: str, weights: str, drop_path: float = 0.0) -> TimmBackbone:
+    """The timm model `name` with `weights` (`pretrained`, `none`, or a state-dict file) and
+    stochastic depth rate `drop_path` (timm's drop_path_rate)."""
+    options = {"drop_path_rate": drop_path} if drop_path else {}
     if weights == "none":
-        model = _create(name, pretrained=False, num_classes=0)
+        model = _create(name, pretrained=False, num_classes=0, **options)
     elif weights == "pretrained":
-        model = _pretrained(name)
+        model = _pretrained(name, **options)
     elif "_Weights." in weights:
         raise ParamsError(
             f"backbone.weights: {weights} is a torchvision weights name; timm models take "
             "`pretrained`, `none` or a state-dict file under pretrained/"
         )
     else:
-        model = _from_state_dict(name, Path(weights), load_state_dict_file(Path(weights)))
+        state = load_state_dict_file(Path(weights))
+        model = _from_state_dict(name, Path(weights), state, **options)
     width = _width(_meta_model(name), timm_spec(name).default_size)
     backbone = TimmBackbone(model, name, width)
     log.info("timm %s: blocks are %s", name, ", ".join(backbone.block_names()))
     return backbone
 
 
-def _from_state_dict(name: str, path: Path, state: dict) -> nn.Module:
+def _from_state_dict(name: str, path: Path, state: dict, **options) -> nn.Module:
     """Build `name` with a state dict through timm's own loading (its checkpoint filter, its
     strict key check); a classifier in the file is loaded, then removed."""
     classifier = _meta_model(name).pretrained_cfg.get("classifier") or ""
     classifiers = (classifier,) if isinstance(classifier, str) else tuple(classifier)
     has_classifier = any(f"{c}.weight" in state for c in classifiers)
-    options = {} if has_classifier else {"num_classes": 0}
+    options = options | ({} if has_classifier else {"num_classes": 0})
     overlay = {"state_dict": state, **({} if has_classifier else {"num_classes": 0})}
     try:
         model = _create(name, pretrained=True, pretrained_cfg_overlay=overlay, **options)
@@ -218,7 +236,7 @@ def _from_state_dict(name: str, path: Path, state: dict) -> nn.Module:
     return model
 
 
-def _pretrained(name: str) -> nn.Module:
+def _pretrained(name: str, **options) -> nn.Module:
     """Through timm from the hub when it can be reached; offline, from the hub cache."""
     config = _meta_model(name).pretrained_cfg
     hub_id = config.get("hf_hub_id")
@@ -228,10 +246,10 @@ def _pretrained(name: str) -> nn.Module:
         cached = _cached_weights(hub_id) if hub_id else None
         if cached is not None:
             log.info("offline: loading %s from the Hugging Face cache, %s", name, cached)
-            return _from_state_dict(name, cached, load_state_dict_file(cached))
+            return _from_state_dict(name, cached, load_state_dict_file(cached), **options)
         _offline_error(name, url, "the Hugging Face hub cannot be reached")
     try:
-        model = _create(name, pretrained=True)
+        model = _create(name, pretrained=True, **options)
     except MissingFileError as error:
         _offline_error(name, url, str(error.__cause__ or error))
     except OSError as error:  # timm's own URL downloads

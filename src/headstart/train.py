@@ -2,10 +2,12 @@
 
 What differs between the two is data: the module, its trainable parameters and their groups,
 the batches, the number of epochs. The loop: AdamW on the given parameter groups, a per-step
-cosine schedule, validation every epoch, early stopping on validation accuracy (ties broken by
-validation loss), and the best epoch's weights returned. With `validate_start`, the starting
-weights are validated first as epoch 0 and are a candidate like any epoch: a warm start that
-no epoch improves on is what comes back. Autocast and channels-last as in
+cosine schedule, validation every epoch, early stopping on a chosen validation metric
+(`select`; ties broken by validation loss), and the best epoch's weights returned. With `ema`,
+an exponential moving average of the weights (torch.optim.swa_utils) is what is validated and
+returned; `batch_transform` mixes each training batch (MixUp, CutMix). With `validate_start`,
+the starting weights are validated first as epoch 0 and are a candidate like any epoch: a warm
+start that no epoch improves on is what comes back. Autocast and channels-last as in
 headstart.inference; the weights and the optimizer state stay float32.
 """
 
@@ -34,7 +36,7 @@ from headstart.errors import (
     OutputError,
     ParamsError,
 )
-from headstart.inference import autocast, evaluate_loss_accuracy, explain_out_of_memory, to_device
+from headstart.inference import autocast, explain_out_of_memory, to_device, validation_scores
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,8 @@ class FitResult:
     history: list[dict[str, float]] = field(default_factory=list)
     epoch_seconds: list[float] = field(default_factory=list)  # each epoch's, validation included
     start_val_accuracy: float | None = None  # the starting weights' (validate_start)
+    select: str = "accuracy"  # the val metric that chose best_epoch
+    best_val_score: float | None = None  # that metric at best_epoch
 
 
 def fit(
@@ -71,6 +75,9 @@ def fit(
     precision: torch.dtype | None = None,
     validate_start: bool = False,
     class_weight: torch.Tensor | None = None,
+    select: str = "accuracy",
+    ema: float = 0.0,
+    batch_transform: Callable | None = None,
 ) -> FitResult:
     """Train `model` in place and load the best epoch's weights back into it.
 
@@ -79,8 +86,14 @@ def fit(
     finite, which stops training (ParamsError) rather than saving NaN weights. `precision`: the
     autocast dtype (None: float32); the weights and the optimizer state stay float32.
     `class_weight` (num_classes,) weights the training loss (balanced_class_weight); the
-    validation loss stays unweighted. Nothing is written here: an error leaves no output.
+    validation loss stays unweighted. `select` (one of SELECT) is the val metric the best
+    epoch is chosen by; `ema` > 0 keeps an exponential moving average of the weights with that
+    decay, updated every step, and validates and returns it instead of the raw weights.
+    `batch_transform(inputs, targets) -> (inputs, soft targets)` mixes each training batch.
+    Nothing is written here: an error leaves no output.
     """
+    if select not in SELECT:
+        raise ValueError(f"select must be one of {SELECT}, got {select!r}")
     if not any(p.requires_grad for g in groups for p in g["params"]):
         raise ValueError("nothing to train: no parameter in the optimizer requires grad")
     model.to(device, memory_format=torch.channels_last)
@@ -94,6 +107,8 @@ def fit(
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     weight = None if class_weight is None else class_weight.to(device, torch.float32)
     loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
+    averaged = _ema_of(model, ema) if ema > 0 else None
+    scored = model if averaged is None else averaged.module  # what is validated and kept
     best: FitResult | None = None
     history: list[dict[str, float]] = []
     epoch_seconds: list[float] = []
@@ -102,16 +117,18 @@ def fit(
     start_accuracy = None
     with explain_out_of_memory(desc, device, train_batches, batch_size_key):
         if validate_start:
-            val_loss, start_accuracy = evaluate_loss_accuracy(
-                model, val_batches, device, batch_size_key, precision, f"{desc} validation"
+            scores = validation_scores(
+                scored, val_batches, device, batch_size_key, precision, f"{desc} validation"
             )
+            start_accuracy = scores["accuracy"]
             log.info(
-                "%s epoch 0 (the starting weights): val loss %.4f acc %.4f",
+                "%s epoch 0 (the starting weights): val loss %.4f acc %.4f%s",
                 desc,
-                val_loss,
+                scores["loss"],
                 start_accuracy,
+                _selected(scores, select),
             )
-            best = FitResult(0, start_accuracy, val_loss, _snapshot(model), history, epoch_seconds)
+            best = _candidate(0, scores, select, scored, history, epoch_seconds)
         for epoch in range(1, epochs + 1):
             started = time.perf_counter()
             train_mode(model)
@@ -124,6 +141,8 @@ def fit(
             )
             for inputs, targets in progress:
                 inputs, targets = to_device(inputs, device), targets.to(device)
+                if batch_transform is not None:
+                    inputs, targets = batch_transform(inputs, targets)
                 # Cosine decay from each group's own learning rate to zero over all steps.
                 scale = 0.5 * (1.0 + math.cos(math.pi * step / max(steps, 1)))
                 for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
@@ -138,6 +157,8 @@ def fit(
                 scaler.scale(loss * batch_share(len(targets))).backward()
                 scaler.step(optimizer)
                 scaler.update()
+                if averaged is not None:
+                    averaged.update_parameters(model)
                 step += 1
                 value = loss.item()
                 if not math.isfinite(value):
@@ -147,14 +168,16 @@ def fit(
                         "the inputs for huge or non-finite values"
                     )
                 total_loss += value * len(targets)
-                total_correct += (logits.argmax(1) == targets).sum().item()
+                hard = targets if targets.ndim == 1 else targets.argmax(1)  # mixed: the major
+                total_correct += (logits.argmax(1) == hard).sum().item()
                 seen += len(targets)
                 # Redrawn at tqdm's own pace, not every step: a step on cached features takes
                 # about a millisecond, and redrawing the bar every step is then a visible cost.
                 progress.set_postfix(loss=f"{total_loss / seen:.4f}", refresh=False)
-            val_loss, val_accuracy = evaluate_loss_accuracy(
-                model, val_batches, device, batch_size_key, precision, f"{desc} validation"
+            scores = validation_scores(
+                scored, val_batches, device, batch_size_key, precision, f"{desc} validation"
             )
+            val_loss, val_accuracy = scores["loss"], scores["accuracy"]
             total_loss, total_correct, seen = sum_over_ranks([total_loss, total_correct, seen])
             epoch_seconds.append(time.perf_counter() - started)
             record = {
@@ -164,8 +187,10 @@ def fit(
                 "val_loss": val_loss,
                 "val_accuracy": val_accuracy,
             }
+            if select != "accuracy":
+                record[f"val_{select}"] = scores[select]
             log.info(
-                "%s epoch %d/%d: train loss %.4f acc %.4f | val loss %.4f acc %.4f",
+                "%s epoch %d/%d: train loss %.4f acc %.4f | val loss %.4f acc %.4f%s",
                 desc,
                 epoch,
                 epochs,
@@ -173,17 +198,16 @@ def fit(
                 record["train_accuracy"],
                 val_loss,
                 val_accuracy,
+                _selected(scores, select),
             )
             if on_epoch is not None:
                 on_epoch(record)
-            improved = best is None or (val_accuracy, -val_loss) > (
-                best.best_val_accuracy,
+            improved = best is None or (scores[select], -val_loss) > (
+                best.best_val_score,
                 -best.best_val_loss,
             )
             if improved:
-                best = FitResult(
-                    epoch, val_accuracy, val_loss, _snapshot(model), history, epoch_seconds
-                )
+                best = _candidate(epoch, scores, select, scored, history, epoch_seconds)
                 stale = 0
             else:
                 stale += 1
@@ -195,17 +219,52 @@ def fit(
                 break
     model.load_state_dict(best.state_dict)
     best.start_val_accuracy = start_accuracy
+    metric = select.replace("_", " ")
     if best.best_epoch == 0:
         log.warning(
-            "%s: no epoch beat the starting weights on val (accuracy %.4f): keeping them",
+            "%s: no epoch beat the starting weights on val (%s %.4f): keeping them",
             desc,
-            best.best_val_accuracy,
+            metric,
+            best.best_val_score,
         )
     else:
         log.info(
-            "%s: best epoch %d, val accuracy %.4f", desc, best.best_epoch, best.best_val_accuracy
+            "%s: best epoch %d, val %s %.4f%s",
+            desc,
+            best.best_epoch,
+            metric,
+            best.best_val_score,
+            " (the moving average of the weights)" if averaged is not None else "",
         )
     return best
+
+
+def _candidate(epoch, scores, select, model, history, epoch_seconds) -> FitResult:
+    """The weights of `model` now, as the best candidate so far, with their val scores."""
+    return FitResult(
+        epoch,
+        scores["accuracy"],
+        scores["loss"],
+        _snapshot(model),
+        history,
+        epoch_seconds,
+        select=select,
+        best_val_score=scores[select],
+    )
+
+
+def _selected(scores: dict[str, float], select: str) -> str:
+    """The selected metric for the epoch log line, when it is not accuracy."""
+    return "" if select == "accuracy" else f" {select.replace('_', ' ')} {scores[select]:.4f}"
+
+
+def _ema_of(model: nn.Module, decay: float):
+    """torch's AveragedModel keeping an exponential moving average of `model`'s weights and
+    buffers (BatchNorm statistics too, when they train), on the same device."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    log.info("weight EMA: decay %g, updated every step; the average is validated and kept", decay)
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
 def balanced_class_weight(labels, num_classes: int, kind: str) -> torch.Tensor | None:

@@ -1,7 +1,9 @@
 """Transforms from a PIL image to a normalised tensor, and the input size.
 
 Augmentation policies live in one table, AUGMENTATIONS: `finetune.augment` is validated
-against it, and adding a policy is adding an entry (and its test).
+against it, and adding a policy is adding an entry (and its test). Every random draw comes
+from torch's global generator, which the loader seeds per image and epoch (loaders.SeededOrder),
+so an image's augmentation does not depend on the worker or process that makes it.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import torch
 from torchvision import transforms
+from torchvision.transforms import v2
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +71,47 @@ def _light(size: int) -> list[Callable]:
     ]
 
 
-# finetune.augment: policy name -> the random steps (given the input size) appended to the
-# eval transform. `none` adds nothing, so training then sees exactly what evaluation sees.
-AUGMENTATIONS: dict[str, Callable[[int], list[Callable]]] = {
-    "none": lambda size: [],
-    "light": _light,
+def _appended(random_steps: Callable[[int], list[Callable]]) -> Callable[..., Callable]:
+    """A policy that runs the eval transform, then `random_steps(size)` on the tensor."""
+
+    def build(**steps) -> transforms.Compose:
+        fixed = list(eval_transform(**steps).transforms)
+        return transforms.Compose(fixed + random_steps(steps["size"]))
+
+    return build
+
+
+def _photo(strong: bool) -> Callable[..., Callable]:
+    """For natural images, where a mirror image is the same class: a random-resized crop (a
+    quarter to all of the image, aspect 3:4 to 4:3) in place of the centre crop, a horizontal
+    flip, mild colour jitter; `strong` adds TrivialAugmentWide and random erasing (a quarter
+    of the images, filled with the mean colour). Photometric steps run on the pixels, before
+    normalising."""
+
+    def build(size, mean, std, interpolation=DEFAULT_INTERPOLATION, crop_pct=DEFAULT_CROP_PCT):
+        mode = v2.InterpolationMode(interpolation)
+        steps = [
+            v2.RandomResizedCrop(size, scale=(0.25, 1.0), interpolation=mode, antialias=True),
+            v2.RandomHorizontalFlip(),
+            v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2),
+        ]
+        if strong:
+            steps.append(v2.TrivialAugmentWide(interpolation=v2.InterpolationMode.BILINEAR))
+        steps += [v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+        if strong:
+            steps.append(v2.RandomErasing(p=0.25, value=0.0))
+        return v2.Compose(steps)
+
+    return build
+
+
+# finetune.augment: policy name -> the training transform, given eval_transform's arguments.
+# `none` is the eval transform itself, so training then sees exactly what evaluation sees.
+AUGMENTATIONS: dict[str, Callable[..., Callable]] = {
+    "none": _appended(lambda size: []),
+    "light": _appended(_light),
+    "photo": _photo(strong=False),
+    "strong": _photo(strong=True),
 }
 
 
@@ -92,13 +132,27 @@ def decode_size(meta: dict) -> int:
     return resize_size(steps["size"], steps["crop_pct"])
 
 
-def train_transform(augment: str, **steps) -> transforms.Compose:
-    """The eval transform (`steps`: its arguments, as `preprocessing` gives them) followed by
-    the random steps of the `augment` policy."""
+def train_transform(augment: str, **steps) -> Callable:
+    """The training transform of the `augment` policy; `steps`: eval_transform's arguments, as
+    `preprocessing` gives them."""
     if augment not in AUGMENTATIONS:
         raise ValueError(f"unknown augmentation {augment!r}; known: {', '.join(AUGMENTATIONS)}")
-    fixed = list(eval_transform(**steps).transforms)
-    return transforms.Compose(fixed + AUGMENTATIONS[augment](steps["size"]))
+    return AUGMENTATIONS[augment](**steps)
+
+
+def batch_mix(mixup: float, cutmix: float, num_classes: int) -> Callable | None:
+    """finetune.mixup and finetune.cutmix as one callable (images, labels) -> (mixed images,
+    soft labels (B, num_classes)): torchvision's MixUp or CutMix, or a random choice of the
+    two per batch; None when both are off. Each pairs an image with its neighbour in the batch
+    (torchvision's roll), so under torchrun each process mixes within its share."""
+    mixes = []
+    if mixup > 0:
+        mixes.append(v2.MixUp(alpha=mixup, num_classes=num_classes))
+    if cutmix > 0:
+        mixes.append(v2.CutMix(alpha=cutmix, num_classes=num_classes))
+    if not mixes:
+        return None
+    return mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)
 
 
 def choose_image_size(median_side: float, default_size: int) -> int:
