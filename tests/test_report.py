@@ -240,3 +240,11 @@ def test_balanced_accuracy_is_the_mean_recall_and_in_the_card():
     inputs["metrics"]["finetuned"]["balanced_accuracy"] = 0.4321
     card = render_model_card(**inputs)
     assert "| balanced accuracy |" in card and "0.4321" in card
+
+
+def test_card_names_the_test_time_augmentation():
+    inputs = _inputs()
+    assert "| test-time augmentation | none |" in render_model_card(**inputs)
+    inputs["calibration"]["tta"] = "flip"
+    card = render_model_card(**inputs)
+    assert "| test-time augmentation | flip: the mean of the logits of each image" in card

@@ -390,6 +390,77 @@ def test_evaluate_calibration_and_pictures(pipeline):
             assert not image.info.get("dpi") and "Software" not in image.info
 
 
+def test_evaluate_with_flip_tta(pipeline, tmp_path, params_dict, write_params):
+    """evaluate.tta: flip scores the fine-tuned model, on val (the temperature) and test, by
+    the mean of the logits of each image and its mirror, computed here by hand; the head on
+    cached features is scored as without TTA; each output says which it was. The model: the
+    shipped pretrained backbone and a random head (the pipeline's random-init backbone gives
+    every image the same logits, mirrored or not)."""
+    import shutil
+
+    from conftest import classifier_meta
+
+    from headstart.backbones import build_backbone
+    from headstart.calibration import calibrate, expected_calibration_error, softmax
+    from headstart.checkpoints import save_checkpoint
+    from headstart.index import load_prepared
+    from headstart.inference import run_inference
+    from headstart.loaders import image_loader
+    from headstart.model import Classifier
+    from headstart.transforms import decode_size, eval_transform, preprocessing
+
+    work = shutil.copytree(pipeline, tmp_path / "work")
+    torch.manual_seed(0)
+    model = Classifier(build_backbone("efficientnet_lite0", "pretrained"), 3)
+    with torch.no_grad():
+        model.head.weight.mul_(5.0)  # spread the probabilities
+    classes = ["bird", "cat", "dog"]
+    save_checkpoint(
+        work / "models/finetuned.pt", model.state_dict(), classifier_meta(model, classes)
+    )
+    run_stages(work, ["evaluate"])
+    plain = _read_json(work / "metrics/evaluate.json")
+    params_dict["evaluate"]["tta"] = "flip"
+    write_params(work, params_dict)
+    run_stages(work, ["evaluate"])
+    metrics = _read_json(work / "metrics/evaluate.json")
+    assert plain["finetuned"]["tta"] == "none" and metrics["finetuned"]["tta"] == "flip"
+    assert metrics["head"] == plain["head"]
+
+    model, meta = load_classifier(work / "models/finetuned.pt")
+    assert _read_json(pipeline / "metrics/evaluate.json")["finetuned"]["tta"] == "none"
+    prepared = load_prepared(work / "images", work / "data/prepared")
+
+    def mean_logits(split: str) -> tuple[np.ndarray, np.ndarray]:
+        loader = image_loader(
+            prepared.root,
+            prepared.split(split),
+            eval_transform(**preprocessing(meta)),
+            decode_size=decode_size(meta),
+            batch_size=16,
+            num_workers=0,
+        )
+        mirrored = [(images.flip(3), labels) for images, labels in loader]
+        logits, labels = run_inference(model, loader, torch.device("cpu"))
+        mirror, _ = run_inference(model, mirrored, torch.device("cpu"))
+        assert np.abs(mirror - logits).max() > 1e-4  # the model tells a mirror apart
+        return (logits + mirror) / 2, labels
+
+    test_logits, test_labels = mean_logits("test")
+    ece = expected_calibration_error(softmax(test_logits), test_labels)
+    assert metrics["finetuned"]["ece"] == pytest.approx(ece, abs=2e-6)
+    assert metrics["finetuned"]["ece"] != plain["finetuned"]["ece"]
+    accuracy = float((test_logits.argmax(1) == test_labels).mean())
+    assert metrics["finetuned"]["accuracy"] == pytest.approx(accuracy, abs=1e-6)
+    temperature, _ = calibrate(*mean_logits("val"))
+    assert metrics["finetuned"]["temperature"] == pytest.approx(temperature, rel=1e-4)
+
+    calibration = _read_json(work / "models/finetuned.calibration.json")
+    assert calibration["tta"] == "flip" and calibration["test"]["tta"] == "flip"
+    card = (work / "reports/model_card.md").read_text(encoding="utf-8")
+    assert "| test-time augmentation | flip: the mean of the logits" in card
+
+
 def test_model_card_describes_the_run(pipeline):
     card = (pipeline / "reports/model_card.md").read_text(encoding="utf-8")
     metrics = _read_json(pipeline / "metrics/evaluate.json")
@@ -460,6 +531,7 @@ def test_info_shows_the_evaluation_beside_the_model(pipeline, capsys):
     assert evaluation["temperature"] == metrics["finetuned"]["temperature"]
     assert evaluation["test"]["accuracy"] == metrics["finetuned"]["accuracy"]
     assert evaluation["test"]["images"] == metrics["test_images"]
+    assert evaluation["tta"] == "none"  # what the temperature was fitted with
     # The recorded formula: sha256 over the index's sorted "sha256,label,split" lines.
     rows = _index_rows(pipeline / "data/prepared")
     lines = sorted(f"{r['sha256']},{r['label']},{r['split']}" for r in rows)
