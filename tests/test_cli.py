@@ -144,6 +144,30 @@ def test_predict_flip_tta_averages_the_image_and_its_mirror(checkpoint, image_fo
     np.testing.assert_allclose(flipped, expected, atol=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
+def test_export_applies_no_tta_and_its_recipe_gives_predict_flip(
+    checkpoint, image_folder, tmp_path, capsys
+):
+    """The export scores each image once (sidecar "tta": "none"); softmax of the mean of its
+    log-probabilities for a batch and its mirror is `predict --tta flip`, as the docs say."""
+    out = tmp_path / "model.ts.pt"
+    code, _, _ = run_cli(capsys, "export", checkpoint, out, "--calibration", "none")
+    assert code == 0
+    assert read_json(out.with_suffix(".json"))["tta"] == "none"
+    paths = ["cat/cat_00.png", "dog/dog_02.png", "bird/bird_05.jpg"]
+    transform = eval_transform(IMAGE_SIZE, [0.0] * 3, [1.0] * 3)  # [0, 1] floats, unnormalised
+    batch = torch.stack([transform(load_rgb(image_folder / p)) for p in paths])
+    with torch.inference_mode():
+        exported = torch.jit.load(str(out))
+        once = exported(batch)
+        both = torch.softmax((once.log() + exported(batch.flip(3)).log()) / 2, dim=1)
+    expected = reference_probabilities(checkpoint, image_folder, paths)
+    assert np.abs(once.numpy() - expected).max() < 1e-4
+    flipped = reference_probabilities(checkpoint, image_folder, paths, tta=True)
+    assert np.abs(flipped - expected).max() > 0.01
+    assert np.abs(both.numpy() - flipped).max() < 1e-4
+
+
 def test_csv_and_table_shapes(checkpoint, image_folder, capsys):
     image = image_folder / "bird" / "bird_02.png"
     code, out, _ = run_cli(capsys, "predict", checkpoint, image, "--format", "csv", "--top-k", 2)

@@ -505,6 +505,7 @@ def test_export_stage_applies_the_calibration(pipeline):
     calibration = _read_json(pipeline / "models/finetuned.calibration.json")
     sidecar = _read_json(pipeline / "models/finetuned.torchscript.json")
     assert sidecar["temperature"] == calibration["temperature"]
+    assert sidecar["tta"] == "none"  # never built in, whatever evaluate.tta
     assert sidecar["classes"] == ["bird", "cat", "dog"] and sidecar["image_size"] == 32
     rows = [r for r in _index_rows(pipeline / "data/prepared") if r["split"] == "test"]
     images = [decode_image(pipeline / "images" / r["path"]).image for r in rows]
