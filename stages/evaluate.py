@@ -5,12 +5,13 @@
 
 The head is scored on the cached test features, the fine-tuned model on the test images
 (with evaluate.tta). METRICS: {"head": {"accuracy", "macro_f1", "ece"}, "finetuned": {...,
-"ece_calibrated", "temperature", "tta"}}; PER_CLASS: precision, recall, F1 and support per
-class for both; ENVIRONMENT: the software and machine each stage ran with; PLOTS_DIR:
-confusion records for DVC's confusion template, reliability diagram bins, F1 per class, and
-two PNG pictures; CALIBRATION: the temperature fitted on val (1.0 with evaluate.calibrate:
-false), which predict and export apply; MODEL_CARD: Markdown. Reads params: compute.device,
-compute.num_workers, compute.threads, inference.batch_size, evaluate.calibrate, evaluate.tta.
+"ece_calibrated", "temperature", "tta"}}; PER_CLASS: precision, recall, F1, support and average
+precision per class for both; ENVIRONMENT: the software and machine each stage ran with;
+PLOTS_DIR: confusion records for DVC's confusion template, reliability diagram bins, F1 per
+class, precision-recall curves per class, and two PNG pictures; CALIBRATION: the temperature
+fitted on val (1.0 with evaluate.calibrate: false), which predict and export apply;
+MODEL_CARD: Markdown. Reads params: compute.device, compute.num_workers, compute.threads,
+inference.batch_size, evaluate.calibrate, evaluate.tta.
 """
 
 import argparse

@@ -10,6 +10,7 @@ import csv
 import hashlib
 import importlib.metadata
 import importlib.util
+import itertools
 import json
 import platform
 import sys
@@ -116,6 +117,7 @@ EXPECTED_OUTPUTS = [
     "plots/confusion_finetuned.json",
     *(f"plots/reliability_{m}.json" for m in ("head", "finetuned", "calibrated")),
     "plots/per_class_f1.json",
+    *(f"plots/precision_recall_{m}.json" for m in ("head", "finetuned")),
     "plots/confusion_finetuned.png",
     "plots/worst_misclassified.png",
     "models/finetuned.calibration.json",
@@ -388,6 +390,26 @@ def test_evaluate_calibration_and_pictures(pipeline):
         with Image.open(pipeline / f"plots/{name}.png") as image:
             assert image.format == "PNG" and image.width > 100 and image.height > 100
             assert not image.info.get("dpi") and "Software" not in image.info
+
+
+def test_evaluate_precision_recall_curves_and_average_precision(pipeline):
+    """One curve per class with test images, from (recall 0, precision 1) to recall 1 at the
+    class's share of the test images (every image predicted positive), recall never falling."""
+    per_class = _read_json(pipeline / "metrics/per_class.json")
+    metrics = _read_json(pipeline / "metrics/evaluate.json")
+    for model in ("head", "finetuned"):
+        records = _read_json(pipeline / f"plots/precision_recall_{model}.json")
+        assert all(sorted(r) == ["class", "precision", "recall"] for r in records)
+        curves = {}
+        for r in records:
+            curves.setdefault(r["class"], []).append((r["recall"], r["precision"]))
+        assert list(curves) == ["bird", "cat", "dog"]
+        for label, curve in curves.items():
+            support = per_class[model][label]["support"]
+            assert curve[0] == (0.0, 1.0) and curve[-1][0] == 1.0
+            assert curve[-1][1] == pytest.approx(support / metrics["test_images"], abs=1e-4)
+            assert all(a[0] <= b[0] and a != b for a, b in itertools.pairwise(curve))
+            assert 0.0 < per_class[model][label]["average_precision"] <= 1.0
 
 
 def test_evaluate_with_flip_tta(pipeline, tmp_path, params_dict, write_params):

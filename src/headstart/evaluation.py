@@ -31,11 +31,13 @@ from headstart.images import decode_image
 from headstart.inference import run_inference, with_tta
 from headstart.loaders import image_loader
 from headstart.metrics import (
+    average_precision_by_class,
     classification_report,
     confusion_counts,
     confusion_records,
     most_confused,
     per_class_f1_records,
+    precision_recall_records,
     worst_misclassified,
 )
 from headstart.model import load_classifier, load_head
@@ -189,6 +191,15 @@ def evaluate(
             for name, p in probabilities.items()
         },
         "per_class_f1.json": per_class_f1_records(reports, classes),
+        # The fine-tuned model's from the calibrated probabilities, which predict gives. The
+        # temperature keeps each image's top class but can reorder the images within one
+        # class's column a little (each image's softmax has its own denominator).
+        "precision_recall_head.json": precision_recall_records(
+            probabilities["head"], test_y, classes
+        ),
+        "precision_recall_finetuned.json": precision_recall_records(
+            probabilities["calibrated"], test_y, classes
+        ),
     }
     counts = confusion_counts(test_y, finetuned_pred, len(classes))
     pictures = {
@@ -228,7 +239,14 @@ def evaluate(
         reports["finetuned"]["accuracy"],
         tta,
     )
-    per_class = {name: r["per_class"] for name, r in reports.items()}
+    # Per class: precision, recall, F1, support, and the average precision of the ranking.
+    per_class = {}
+    for name, p in (("head", probabilities["head"]), ("finetuned", probabilities["calibrated"])):
+        average_precision = average_precision_by_class(p, test_y, classes)
+        per_class[name] = {
+            label: scores | {"average_precision": average_precision[label]}
+            for label, scores in reports[name]["per_class"].items()
+        }
     return Evaluation(metrics, per_class, environment, plots, pictures, calibration, model_card)
 
 
