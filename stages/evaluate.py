@@ -3,14 +3,15 @@
     python stages/evaluate.py DATA_DIR PREPARED_DIR FEATURES_DIR HEAD_MODEL FINETUNED_MODEL \
         METRICS PER_CLASS ENVIRONMENT PLOTS_DIR CALIBRATION MODEL_CARD
 
-The head is scored on the cached test features, the fine-tuned model on the test images.
-METRICS: {"head": {"accuracy", "macro_f1", "ece"}, "finetuned": {..., "ece_calibrated",
-"temperature"}}; PER_CLASS: precision, recall, F1 and support per class for both; ENVIRONMENT:
-the software and machine each stage ran with; PLOTS_DIR: confusion records for DVC's
-confusion template, reliability diagram bins, F1 per class, and two PNG pictures; CALIBRATION:
-the temperature fitted on val (1.0 with evaluate.calibrate: false), which predict and export
-apply; MODEL_CARD: Markdown. Reads params: compute.device, compute.num_workers,
-compute.threads, inference.batch_size, evaluate.calibrate.
+The head is scored on the cached test features, the fine-tuned model on the test images
+(with evaluate.tta). METRICS: {"head": {"accuracy", "macro_f1", "ece"}, "finetuned": {...,
+"ece_calibrated", "temperature", "tta"}}; PER_CLASS: precision, recall, F1, support and average
+precision per class for both; ENVIRONMENT: the software and machine each stage ran with;
+PLOTS_DIR: confusion records for DVC's confusion template, reliability diagram bins, F1 per
+class, precision-recall curves per class, and two PNG pictures; CALIBRATION: the temperature
+fitted on val (1.0 with evaluate.calibrate: false), which predict and export apply;
+MODEL_CARD: Markdown. Reads params: compute.device, compute.num_workers, compute.threads,
+inference.batch_size, evaluate.calibrate, evaluate.tta.
 """
 
 import argparse
@@ -47,6 +48,7 @@ def main(argv: list[str] | None = None) -> None:
         batch_size=params.inference.batch_size,
         calibrate_temperature=params.evaluate.calibrate,
         calibration_file=args.calibration,
+        tta=params.evaluate.tta,
     )
     write_json(args.metrics, result.metrics)
     write_json(args.calibration, result.calibration)

@@ -18,7 +18,7 @@ import torch
 from headstart.backbones import build_backbone
 from headstart.checkpoints import save_checkpoint
 from headstart.cli import main
-from headstart.inference import run_inference
+from headstart.inference import FlipTTA, run_inference
 from headstart.io import read_json
 from headstart.loaders import ImageDataset
 from headstart.model import Classifier, load_classifier
@@ -66,9 +66,13 @@ def run_cli(capsys, *argv) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
-def reference_probabilities(checkpoint: Path, root: Path, paths: list[str]) -> np.ndarray:
-    """(N, num_classes) softmax of run_inference logits through the checkpoint's transform."""
+def reference_probabilities(
+    checkpoint: Path, root: Path, paths: list[str], tta: bool = False
+) -> np.ndarray:
+    """(N, num_classes) softmax of run_inference logits through the checkpoint's transform;
+    with `tta`, of the model wrapped in FlipTTA."""
     model, meta = load_classifier(checkpoint)
+    model = FlipTTA(model) if tta else model
     transform = eval_transform(meta["image_size"], meta["mean"], meta["std"])
     loader = torch.utils.data.DataLoader(
         ImageDataset(root, paths, [0] * len(paths), transform, meta["image_size"]), batch_size=8
@@ -117,6 +121,51 @@ def test_predictions_match_run_inference(checkpoint, image_folder, capsys):
     # Same preprocessing and model; channels-last convolutions pick kernels by batch shape, so
     # the last float digits may differ between predict's batches and these (1e-6 seen).
     np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_predict_flip_tta_averages_the_image_and_its_mirror(checkpoint, image_folder, capsys):
+    """--tta flip: softmax of the mean of the logits of each image and of its mirror, as the
+    FlipTTA wrapper that evaluate uses gives; different from --tta none (the default)."""
+    paths = sorted(p.relative_to(image_folder).as_posix() for p in image_folder.rglob("*.*"))
+    argv = ["predict", checkpoint, image_folder, "--format", "json", "--top-k", 3]
+    code, out, _ = run_cli(capsys, *argv)
+    assert code == 0
+    plain = _probabilities_by_class(out)
+    code, out, _ = run_cli(capsys, *argv, "--tta", "none")
+    np.testing.assert_array_equal(_probabilities_by_class(out), plain)
+    code, out, _ = run_cli(capsys, *argv, "--tta", "flip")
+    assert code == 0
+    flipped = _probabilities_by_class(out)
+    assert np.abs(flipped - plain).max() > 0.01
+    np.testing.assert_allclose(
+        plain, reference_probabilities(checkpoint, image_folder, paths), atol=1e-5
+    )
+    expected = reference_probabilities(checkpoint, image_folder, paths, tta=True)
+    np.testing.assert_allclose(flipped, expected, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
+def test_export_applies_no_tta_and_its_recipe_gives_predict_flip(
+    checkpoint, image_folder, tmp_path, capsys
+):
+    """The export scores each image once (sidecar "tta": "none"); softmax of the mean of its
+    log-probabilities for a batch and its mirror is `predict --tta flip`, as the docs say."""
+    out = tmp_path / "model.ts.pt"
+    code, _, _ = run_cli(capsys, "export", checkpoint, out, "--calibration", "none")
+    assert code == 0
+    assert read_json(out.with_suffix(".json"))["tta"] == "none"
+    paths = ["cat/cat_00.png", "dog/dog_02.png", "bird/bird_05.jpg"]
+    transform = eval_transform(IMAGE_SIZE, [0.0] * 3, [1.0] * 3)  # [0, 1] floats, unnormalised
+    batch = torch.stack([transform(load_rgb(image_folder / p)) for p in paths])
+    with torch.inference_mode():
+        exported = torch.jit.load(str(out))
+        once = exported(batch)
+        both = torch.softmax((once.log() + exported(batch.flip(3)).log()) / 2, dim=1)
+    expected = reference_probabilities(checkpoint, image_folder, paths)
+    assert np.abs(once.numpy() - expected).max() < 1e-4
+    flipped = reference_probabilities(checkpoint, image_folder, paths, tta=True)
+    assert np.abs(flipped - expected).max() > 0.01
+    assert np.abs(both.numpy() - flipped).max() < 1e-4
 
 
 def test_csv_and_table_shapes(checkpoint, image_folder, capsys):
@@ -181,6 +230,8 @@ def test_usage_errors_exit_2(checkpoint, image_folder, tmp_path, capsys):
     assert code == 2
     code, _, _ = run_cli(capsys, "predict", checkpoint)  # no inputs: argparse's usage error
     assert code == 2
+    code, out, err = run_cli(capsys, "predict", checkpoint, image_folder, "--tta", "foo")
+    assert code == 2 and out == "" and "--tta" in err and "'foo'" in err
 
 
 def test_device_this_machine_lacks_is_one_line_and_exit_2(checkpoint, image_folder):

@@ -79,6 +79,7 @@ def make_repo(tmp_path: Path, image_folder: Path, overrides: dict) -> Path:
     run(repo, "git", "init", "-q", "-b", "main")
     run(repo, "dvc", "init", "-q")
     run(repo, "dvc", "config", "core.analytics", "false")
+    shutil.copytree(PROJECT / ".dvc" / "plots", repo / ".dvc" / "plots")  # custom templates
     run(repo, "dvc", "add", "-q", "data/raw")
     run(repo, "git", "add", "-A")
     run(repo, "git", "commit", "-q", "-m", "project with own data")
@@ -206,3 +207,67 @@ def test_a_data_dir_with_spaces_and_shell_syntax_reaches_the_stage_as_it_is(tmp_
     report = json.loads((repo / "data" / "prepared" / "report.json").read_text())
     assert report["data_dir"] == weird
     assert report["num_images"] == len([p for p in image_folder.rglob("*") if p.is_file()])
+
+
+def _vega_spec(repo: Path, *command: str) -> dict:
+    """The filled Vega-Lite spec DVC prints for one plot (--show-vega)."""
+    return json.loads(run(repo, "dvc", "plots", *command, "--show-vega"))
+
+
+def test_precision_recall_template_draws_one_line_per_class_and_revision(tmp_path):
+    """The project's precision_recall template and its plot definitions in dvc.yaml, through
+    the real `dvc plots show` and `dvc plots diff`: every record reaches the chart, coloured
+    by class (one line each), recall on x, precision on y, and one column per revision."""
+    import numpy as np
+
+    from headstart.io import write_json
+    from headstart.metrics import precision_recall_records
+
+    repo = tmp_path / "repo"
+    (repo / "plots").mkdir(parents=True)
+    run(repo, "git", "init", "-q", "-b", "main")
+    run(repo, "dvc", "init", "-q")
+    shutil.copytree(PROJECT / ".dvc" / "plots", repo / ".dvc" / "plots")
+    definitions = [
+        entry
+        for entry in yaml.safe_load((PROJECT / "dvc.yaml").read_text())["plots"]
+        if isinstance(entry, dict) and next(iter(entry)).startswith("plots/precision_recall_")
+    ]
+    assert len(definitions) == 2
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"plots": definitions}))
+    target = "plots/precision_recall_finetuned.json"
+    classes = ["bird", "cat", "dog"]
+    rng = np.random.default_rng(0)
+    labels = np.arange(30) % 3
+    for name in ("head", "finetuned"):
+        write_json(
+            repo / f"plots/precision_recall_{name}.json",
+            precision_recall_records(rng.dirichlet([1, 1, 1], 30), labels, classes),
+        )
+    records = json.loads((repo / target).read_text())
+    run(repo, "git", "add", "-A")
+    run(repo, "git", "commit", "-q", "-m", "curves")
+
+    spec = _vega_spec(repo, "show", target)
+    values = spec["data"]["values"]
+    assert [(v["class"], v["recall"], v["precision"]) for v in values] == [
+        (r["class"], r["recall"], r["precision"]) for r in records
+    ]
+    assert {v["rev"] for v in values} == {"workspace"}
+    encoding = spec["spec"]["encoding"]
+    assert encoding["color"]["field"] == "class"  # one series per class
+    assert (encoding["x"]["field"], encoding["y"]["field"]) == ("recall", "precision")
+    assert encoding["order"] == {"value": None}  # drawn in the records' order, not sorted by x
+    assert spec["facet"]["column"]["field"] == "rev"
+    assert spec["title"]["text"].startswith("Test precision-recall per class, fine-tuned")
+
+    # An experiment's curves beside the committed ones: one column per revision.
+    write_json(repo / target, [{**r, "precision": 1.0} for r in records])
+    diff = _vega_spec(repo, "diff", "HEAD", "--targets", target)
+    assert sorted({v["rev"] for v in diff["data"]["values"]}) == ["HEAD", "workspace"]
+    assert {v["class"] for v in diff["data"]["values"] if v["rev"] == "HEAD"} == set(classes)
+
+    # The HTML page holds both charts with their data.
+    run(repo, "dvc", "plots", "show", "-o", "page")
+    page = (repo / "page" / "index.html").read_text(encoding="utf-8")
+    assert page.count('"class": "dog"') >= 2 and "per class, head on cached features" in page

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from headstart.backbones import build_backbone, load_state_dict_file
 from headstart.checkpoints import load_checkpoint, save_checkpoint
 from headstart.heads import fit_logreg
-from headstart.inference import cache_activations, run_inference
+from headstart.inference import FlipTTA, cache_activations, run_inference, with_tta
 from headstart.io import ArrayWriter, atomic_path, open_array, write_array, write_json
 from headstart.model import (
     Classifier,
@@ -748,3 +748,51 @@ def test_balanced_class_weight_is_scikit_learns_and_fit_trains_on_the_weighted_l
     by_hand = float((weight[y] * nll).sum() / weight[y].sum())
     assert result.history[0]["train_loss"] == pytest.approx(by_hand, rel=1e-6)
     assert result.history[0]["train_loss"] != pytest.approx(float(nll.mean()), rel=1e-3)
+
+
+def _tiny_convnet() -> nn.Module:
+    """A random-init classifier on (B, 3, 8, 8) images that tells left from right."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, NUM_CLASSES)
+    )
+
+
+class _MirrorSymmetric(nn.Module):
+    """`inner` on the mean of the image and its horizontal mirror: the same logits for both."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.inner((images + images.flip(3)) / 2)
+
+
+def _image_batches(images: torch.Tensor) -> DataLoader:
+    return DataLoader(TensorDataset(images, torch.zeros(len(images), dtype=torch.long)), 4)
+
+
+def test_flip_tta_changes_nothing_for_a_mirror_symmetric_model():
+    """Symmetric left-right (not up-down): flip TTA must give its logits unchanged, so the
+    wrapper mirrors the width axis, nothing else."""
+    model = _MirrorSymmetric(_tiny_convnet())
+    images = torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    plain, _ = run_inference(model, _image_batches(images), CPU)
+    upside_down, _ = run_inference(model, _image_batches(images.flip(2)), CPU)
+    assert np.abs(upside_down - plain).max() > 1e-3  # not symmetric up-down: the test can fail
+    flipped, _ = run_inference(FlipTTA(model), _image_batches(images), CPU)
+    np.testing.assert_allclose(flipped, plain, atol=1e-6)
+    assert with_tta(model, "none") is model
+    with pytest.raises(ValueError, match="expected one of none, flip"):
+        with_tta(model, "rotate")
+
+
+def test_flip_tta_is_the_mean_of_the_image_and_mirror_logits():
+    model = _tiny_convnet()
+    images = torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    plain, _ = run_inference(model, _image_batches(images), CPU)
+    mirror, _ = run_inference(model, _image_batches(images.flip(3)), CPU)
+    assert np.abs(mirror - plain).max() > 1e-3  # the model tells a mirror apart
+    got, _ = run_inference(with_tta(model, "flip"), _image_batches(images), CPU)
+    np.testing.assert_allclose(got, (plain + mirror) / 2, atol=1e-6)

@@ -9,7 +9,13 @@ import pytest
 
 from headstart.folders import SPLITS
 from headstart.index import Images
-from headstart.metrics import classification_report, confusion_counts, most_confused
+from headstart.metrics import (
+    average_precision_by_class,
+    classification_report,
+    confusion_counts,
+    most_confused,
+    precision_recall_records,
+)
 from headstart.report import data_fingerprint, render_model_card, wilson_interval
 
 CLASSES = ["cat", "dog", "fox|wolf"]  # a pipe, which a Markdown table must escape
@@ -240,3 +246,51 @@ def test_balanced_accuracy_is_the_mean_recall_and_in_the_card():
     inputs["metrics"]["finetuned"]["balanced_accuracy"] = 0.4321
     card = render_model_card(**inputs)
     assert "| balanced accuracy |" in card and "0.4321" in card
+
+
+def test_precision_recall_curves_by_hand():
+    """Six images, classes a (4 images), b (2) and c (none). Column a ranks two b images
+    first: two points at (0, 0), one kept. Column b puts one b, three a, then the other b:
+    the vertical run at recall 0.5 keeps only its ends (precision 1 and 1/4)."""
+    y_true = np.array([0, 0, 1, 1, 0, 0])
+    probabilities = np.array(
+        [
+            # a,   b,   c
+            [0.7, 0.8, 0.1],
+            [0.6, 0.7, 0.2],
+            [0.9, 0.9, 0.3],
+            [0.8, 0.5, 0.4],
+            [0.5, 0.6, 0.5],
+            [0.4, 0.4, 0.6],
+        ]
+    )
+    records = precision_recall_records(probabilities, y_true, ["a", "b", "c"])
+    points = [(r["class"], r["recall"], r["precision"]) for r in records]
+    assert points == [
+        ("a", 0.0, 1.0),
+        ("a", 0.0, 0.0),
+        ("a", 0.25, 0.3333),
+        ("a", 0.5, 0.5),
+        ("a", 0.75, 0.6),
+        ("a", 1.0, 0.6667),
+        ("b", 0.0, 1.0),
+        ("b", 0.5, 1.0),
+        ("b", 0.5, 0.25),
+        ("b", 1.0, 0.4),
+        ("b", 1.0, 0.3333),
+    ]  # no curve for c: it has no image
+    assert precision_recall_records(probabilities, y_true, ["a", "b", "c"]) == records
+    # Step-wise area: a 0.25 x (1/3 + 1/2 + 3/5 + 2/3); b 0.5 x 1 + 0.5 x 0.4.
+    assert average_precision_by_class(probabilities, y_true, ["a", "b", "c"]) == {
+        "a": 0.525,
+        "b": 0.7,
+        "c": None,
+    }
+
+
+def test_card_names_the_test_time_augmentation():
+    inputs = _inputs()
+    assert "| test-time augmentation | none |" in render_model_card(**inputs)
+    inputs["calibration"]["tta"] = "flip"
+    card = render_model_card(**inputs)
+    assert "| test-time augmentation | flip: the mean of the logits of each image" in card

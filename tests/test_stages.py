@@ -10,6 +10,7 @@ import csv
 import hashlib
 import importlib.metadata
 import importlib.util
+import itertools
 import json
 import platform
 import sys
@@ -116,6 +117,7 @@ EXPECTED_OUTPUTS = [
     "plots/confusion_finetuned.json",
     *(f"plots/reliability_{m}.json" for m in ("head", "finetuned", "calibrated")),
     "plots/per_class_f1.json",
+    *(f"plots/precision_recall_{m}.json" for m in ("head", "finetuned")),
     "plots/confusion_finetuned.png",
     "plots/worst_misclassified.png",
     "models/finetuned.calibration.json",
@@ -390,6 +392,97 @@ def test_evaluate_calibration_and_pictures(pipeline):
             assert not image.info.get("dpi") and "Software" not in image.info
 
 
+def test_evaluate_precision_recall_curves_and_average_precision(pipeline):
+    """One curve per class with test images, from (recall 0, precision 1) to recall 1 at the
+    class's share of the test images (every image predicted positive), recall never falling."""
+    per_class = _read_json(pipeline / "metrics/per_class.json")
+    metrics = _read_json(pipeline / "metrics/evaluate.json")
+    for model in ("head", "finetuned"):
+        records = _read_json(pipeline / f"plots/precision_recall_{model}.json")
+        assert all(sorted(r) == ["class", "precision", "recall"] for r in records)
+        curves = {}
+        for r in records:
+            curves.setdefault(r["class"], []).append((r["recall"], r["precision"]))
+        assert list(curves) == ["bird", "cat", "dog"]
+        for label, curve in curves.items():
+            support = per_class[model][label]["support"]
+            assert curve[0] == (0.0, 1.0) and curve[-1][0] == 1.0
+            assert curve[-1][1] == pytest.approx(support / metrics["test_images"], abs=1e-4)
+            assert all(a[0] <= b[0] and a != b for a, b in itertools.pairwise(curve))
+            assert 0.0 < per_class[model][label]["average_precision"] <= 1.0
+
+
+def test_evaluate_with_flip_tta(pipeline, tmp_path, params_dict, write_params):
+    """evaluate.tta: flip scores the fine-tuned model, on val (the temperature) and test, by
+    the mean of the logits of each image and its mirror, computed here by hand; the head on
+    cached features is scored as without TTA; each output says which it was. The model: the
+    shipped pretrained backbone and a random head (the pipeline's random-init backbone gives
+    every image the same logits, mirrored or not)."""
+    import shutil
+
+    from conftest import classifier_meta
+
+    from headstart.backbones import build_backbone
+    from headstart.calibration import calibrate, expected_calibration_error, softmax
+    from headstart.checkpoints import save_checkpoint
+    from headstart.index import load_prepared
+    from headstart.inference import run_inference
+    from headstart.loaders import image_loader
+    from headstart.model import Classifier
+    from headstart.transforms import decode_size, eval_transform, preprocessing
+
+    work = shutil.copytree(pipeline, tmp_path / "work")
+    torch.manual_seed(0)
+    model = Classifier(build_backbone("efficientnet_lite0", "pretrained"), 3)
+    with torch.no_grad():
+        model.head.weight.mul_(5.0)  # spread the probabilities
+    classes = ["bird", "cat", "dog"]
+    save_checkpoint(
+        work / "models/finetuned.pt", model.state_dict(), classifier_meta(model, classes)
+    )
+    run_stages(work, ["evaluate"])
+    plain = _read_json(work / "metrics/evaluate.json")
+    params_dict["evaluate"]["tta"] = "flip"
+    write_params(work, params_dict)
+    run_stages(work, ["evaluate"])
+    metrics = _read_json(work / "metrics/evaluate.json")
+    assert plain["finetuned"]["tta"] == "none" and metrics["finetuned"]["tta"] == "flip"
+    assert metrics["head"] == plain["head"]
+
+    model, meta = load_classifier(work / "models/finetuned.pt")
+    assert _read_json(pipeline / "metrics/evaluate.json")["finetuned"]["tta"] == "none"
+    prepared = load_prepared(work / "images", work / "data/prepared")
+
+    def mean_logits(split: str) -> tuple[np.ndarray, np.ndarray]:
+        loader = image_loader(
+            prepared.root,
+            prepared.split(split),
+            eval_transform(**preprocessing(meta)),
+            decode_size=decode_size(meta),
+            batch_size=16,
+            num_workers=0,
+        )
+        mirrored = [(images.flip(3), labels) for images, labels in loader]
+        logits, labels = run_inference(model, loader, torch.device("cpu"))
+        mirror, _ = run_inference(model, mirrored, torch.device("cpu"))
+        assert np.abs(mirror - logits).max() > 1e-4  # the model tells a mirror apart
+        return (logits + mirror) / 2, labels
+
+    test_logits, test_labels = mean_logits("test")
+    ece = expected_calibration_error(softmax(test_logits), test_labels)
+    assert metrics["finetuned"]["ece"] == pytest.approx(ece, abs=2e-6)
+    assert metrics["finetuned"]["ece"] != plain["finetuned"]["ece"]
+    accuracy = float((test_logits.argmax(1) == test_labels).mean())
+    assert metrics["finetuned"]["accuracy"] == pytest.approx(accuracy, abs=1e-6)
+    temperature, _ = calibrate(*mean_logits("val"))
+    assert metrics["finetuned"]["temperature"] == pytest.approx(temperature, rel=1e-4)
+
+    calibration = _read_json(work / "models/finetuned.calibration.json")
+    assert calibration["tta"] == "flip" and calibration["test"]["tta"] == "flip"
+    card = (work / "reports/model_card.md").read_text(encoding="utf-8")
+    assert "| test-time augmentation | flip: the mean of the logits" in card
+
+
 def test_model_card_describes_the_run(pipeline):
     card = (pipeline / "reports/model_card.md").read_text(encoding="utf-8")
     metrics = _read_json(pipeline / "metrics/evaluate.json")
@@ -434,6 +527,7 @@ def test_export_stage_applies_the_calibration(pipeline):
     calibration = _read_json(pipeline / "models/finetuned.calibration.json")
     sidecar = _read_json(pipeline / "models/finetuned.torchscript.json")
     assert sidecar["temperature"] == calibration["temperature"]
+    assert sidecar["tta"] == "none"  # never built in, whatever evaluate.tta
     assert sidecar["classes"] == ["bird", "cat", "dog"] and sidecar["image_size"] == 32
     rows = [r for r in _index_rows(pipeline / "data/prepared") if r["split"] == "test"]
     images = [decode_image(pipeline / "images" / r["path"]).image for r in rows]
@@ -460,6 +554,7 @@ def test_info_shows_the_evaluation_beside_the_model(pipeline, capsys):
     assert evaluation["temperature"] == metrics["finetuned"]["temperature"]
     assert evaluation["test"]["accuracy"] == metrics["finetuned"]["accuracy"]
     assert evaluation["test"]["images"] == metrics["test_images"]
+    assert evaluation["tta"] == "none"  # what the temperature was fitted with
     # The recorded formula: sha256 over the index's sorted "sha256,label,split" lines.
     rows = _index_rows(pipeline / "data/prepared")
     lines = sorted(f"{r['sha256']},{r['label']},{r['split']}" for r in rows)

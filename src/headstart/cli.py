@@ -1,7 +1,7 @@
 """The `headstart` command: predict with, describe and export a fine-tuned model.
 
     headstart predict MODEL IMAGE_OR_FOLDER... [--top-k K] [--format table|csv|json]
-                      [--calibration auto|none|FILE]
+                      [--calibration auto|none|FILE] [--tta none|flip]
     headstart info MODEL [--format text|json]
     headstart export MODEL OUT --format torchscript [--calibration auto|none|FILE]
     headstart params [--format markdown]
@@ -96,6 +96,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         device=device,
         num_workers=args.num_workers,
         temperature=temperature,
+        tta=args.tta,
     )
     formatter = {"table": format_table, "csv": format_csv, "json": format_json}[args.format]
     sys.stdout.write(formatter(results))
@@ -148,6 +149,7 @@ def _calibration_info(path: Path) -> dict[str, Any]:
         "temperature": temperature,
         "test": record.get("test", {}),
         "data_fingerprint": record.get("data_fingerprint"),
+        "tta": record.get("tta", "none"),  # what the temperature was fitted with
     }
 
 
@@ -204,6 +206,7 @@ def cmd_params(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from headstart.export import EXPORT_FORMATS
+    from headstart.inference import TTA
 
     parser = argparse.ArgumentParser(
         prog="headstart",
@@ -228,6 +231,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="auto|none|FILE",
         help="temperature for the probabilities: auto (default) uses MODEL's .calibration.json "
         "beside it when present",
+    )
+    predict.add_argument(
+        "--tta",
+        choices=TTA,
+        default="none",
+        help="test-time augmentation: flip averages the logits of each image and its mirror, "
+        "as evaluate.tta: flip (default none)",
     )
     predict.set_defaults(run=cmd_predict)
 

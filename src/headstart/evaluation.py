@@ -2,7 +2,9 @@
 features and for the fine-tuned model on the test images.
 
 `evaluate` computes everything and returns it; the stage writes the files. Inference runs in
-float32 whatever compute.precision, as predict does.
+float32 whatever compute.precision, as predict does. Test-time augmentation (evaluate.tta)
+applies to the fine-tuned model on val (the temperature is fitted on those logits) and test;
+the head on cached features is scored without: a feature vector has no mirror image.
 """
 
 from __future__ import annotations
@@ -26,14 +28,16 @@ from headstart.environment import describe
 from headstart.errors import DataError
 from headstart.figures import confusion_png, image_grid_png
 from headstart.images import decode_image
-from headstart.inference import run_inference
+from headstart.inference import run_inference, with_tta
 from headstart.loaders import image_loader
 from headstart.metrics import (
+    average_precision_by_class,
     classification_report,
     confusion_counts,
     confusion_records,
     most_confused,
     per_class_f1_records,
+    precision_recall_records,
     worst_misclassified,
 )
 from headstart.model import load_classifier, load_head
@@ -74,10 +78,12 @@ def evaluate(
     batch_size: int,
     calibrate_temperature: bool,
     calibration_file: Path,
+    tta: str,
 ) -> Evaluation:
     """Score the head (train_head's checkpoint, on the cached test features) and the fine-tuned
-    model (on the test images); fit a temperature on val when `calibrate_temperature`.
-    `calibration_file` is where the calibration will be written, named in the model card."""
+    model (on the test images, with the test-time augmentation `tta`, inference.TTA); fit a
+    temperature on val when `calibrate_temperature`. `calibration_file` is where the
+    calibration will be written, named in the model card."""
     set_threads(threads)
     torch_device = resolve_device(device)
     classes = prepared.classes
@@ -104,6 +110,7 @@ def evaluate(
     with torch.inference_mode():
         head_logits = head(test_x).numpy()  # (N, num_classes)
     head_pred = head_logits.argmax(1)
+    scored = with_tta(model, tta)  # the fine-tuned model as it is scored, val and test
 
     def logits_of(split: str, desc: str) -> tuple[np.ndarray, np.ndarray]:
         loader = image_loader(
@@ -116,7 +123,7 @@ def evaluate(
             pin_memory=torch_device.type == "cuda",
         )
         return run_inference(
-            model, loader, torch_device, desc=desc, batch_size_key="inference.batch_size"
+            scored, loader, torch_device, desc=desc, batch_size_key="inference.batch_size"
         )
 
     logits, labels = logits_of("test", "evaluate finetuned")
@@ -151,7 +158,11 @@ def evaluate(
         }
         for name, r in reports.items()
     }
-    metrics["finetuned"] |= {"ece_calibrated": ece["calibrated"], "temperature": temperature}
+    metrics["finetuned"] |= {
+        "ece_calibrated": ece["calibrated"],
+        "temperature": temperature,
+        "tta": tta,
+    }
     metrics["test_images"] = int(len(test_y))
     fingerprint = data_fingerprint(prepared.images, classes)
     # Beside the model: the temperature predict and export apply, and (for `headstart info`)
@@ -161,6 +172,7 @@ def evaluate(
         temperature,
         calibrate_temperature,
         fit_summary
+        | {"tta": tta}  # the temperature fits these logits: predict --tta gives the same
         | {"test": metrics["finetuned"] | {"images": metrics["test_images"]}}
         | {"data_fingerprint": fingerprint},
     )
@@ -179,6 +191,15 @@ def evaluate(
             for name, p in probabilities.items()
         },
         "per_class_f1.json": per_class_f1_records(reports, classes),
+        # The fine-tuned model's from the calibrated probabilities, which predict gives. The
+        # temperature keeps each image's top class but can reorder the images within one
+        # class's column a little (each image's softmax has its own denominator).
+        "precision_recall_head.json": precision_recall_records(
+            probabilities["head"], test_y, classes
+        ),
+        "precision_recall_finetuned.json": precision_recall_records(
+            probabilities["calibrated"], test_y, classes
+        ),
     }
     counts = confusion_counts(test_y, finetuned_pred, len(classes))
     pictures = {
@@ -212,12 +233,20 @@ def evaluate(
         ece["calibrated"],
     )
     log.info(
-        "test accuracy (%d images): head %.4f, fine-tuned %.4f",
+        "test accuracy (%d images): head %.4f, fine-tuned %.4f (test-time augmentation: %s)",
         len(test_y),
         reports["head"]["accuracy"],
         reports["finetuned"]["accuracy"],
+        tta,
     )
-    per_class = {name: r["per_class"] for name, r in reports.items()}
+    # Per class: precision, recall, F1, support, and the average precision of the ranking.
+    per_class = {}
+    for name, p in (("head", probabilities["head"]), ("finetuned", probabilities["calibrated"])):
+        average_precision = average_precision_by_class(p, test_y, classes)
+        per_class[name] = {
+            label: scores | {"average_precision": average_precision[label]}
+            for label, scores in reports[name]["per_class"].items()
+        }
     return Evaluation(metrics, per_class, environment, plots, pictures, calibration, model_card)
 
 

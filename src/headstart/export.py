@@ -5,6 +5,11 @@ out (B, 3, S, S), either uint8 in [0, 255] or float in [0, 1] (what torchvision'
 gives), applies the checkpoint's normalisation inside and returns class probabilities
 (B, num_classes). A sidecar JSON says how to get there from an image file: the classes, the
 size, mean and std, and the resize (short side, bicubic) + centre crop that training used.
+
+Test-time augmentation (evaluate.tta, predict --tta) is not built in: the export scores each
+image once, and its sidecar says `"tta": "none"`. For flip TTA, run the batch and its mirror
+(`images.flip(3)`) and take softmax of the mean of the two log-probabilities: the logits' mean,
+up to a constant per image, so exactly what `headstart predict --tta flip` gives.
 """
 
 from __future__ import annotations
@@ -97,6 +102,10 @@ def sidecar(meta: dict[str, Any], temperature: float = 1.0) -> dict[str, Any]:
         },
         # Fitted on the validation split by evaluate (evaluate.calibrate); 1.0: as trained.
         "temperature": float(temperature),
+        # Not built in (see the module docstring), whatever evaluate.tta was.
+        "tta": "none",
+        "tta_note": "test-time augmentation is not applied; for flip, average the "
+        "log-probabilities of the batch and of its mirror (flip the width axis), then softmax",
     }
 
 
@@ -129,6 +138,7 @@ def to_torchscript(model: Classifier, meta: dict[str, Any], temperature: float =
             "this backbone does not trace faithfully"
         )
     log.info("traced %s at %d px; max difference %.1e", meta["backbone"], size, difference)
+    log.info('the export applies no test-time augmentation (sidecar: "tta": "none")')
     # Serialise to memory first, then the caller writes atomically.
     buffer = io.BytesIO()
     with warnings.catch_warnings():

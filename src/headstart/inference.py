@@ -25,9 +25,6 @@ from headstart.runtime import release_freed_memory
 # Said when the caller did not name its batch size key: the keys that set batch sizes.
 _BATCH_SIZE_KEYS = "head.batch_size, finetune.batch_size or inference.batch_size"
 
-# evaluate.tta and predict --tta: test-time augmentation of a classifier on images.
-TTA = ("none", "flip")
-
 
 def _is_out_of_memory(error: BaseException) -> bool:
     """CUDA's OutOfMemoryError, or a RuntimeError from another allocator that says so."""
@@ -118,6 +115,34 @@ def run_inference(
         outputs.append(batch_outputs)
         labels.append(batch_labels)
     return np.concatenate(outputs), np.concatenate(labels)
+
+
+class FlipTTA(nn.Module):
+    """Test-time augmentation by mirroring: the mean of the logits of each image and of its
+    horizontal mirror. Wraps a classifier on normalised image batches (B, 3, H, W); flipping
+    the width axis of the normalised batch is normalising the mirror, since the mean and std
+    are per channel. Sound only where a mirrored image is of the same class (not digits or
+    text)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return (self.model(images) + self.model(images.flip(3))) / 2  # (B, num_classes)
+
+
+# evaluate.tta and predict --tta: test-time augmentation name -> wrapper of a classifier on
+# image batches. The head on cached features cannot use it: a feature vector has no mirror.
+TTA_WRAPPERS = {"none": lambda model: model, "flip": FlipTTA}
+TTA = tuple(TTA_WRAPPERS)
+
+
+def with_tta(model: nn.Module, tta: str) -> nn.Module:
+    """`model` with the named test-time augmentation (TTA); "none" returns it unchanged."""
+    if tta not in TTA_WRAPPERS:
+        raise ValueError(f"test-time augmentation {tta!r}: expected one of {', '.join(TTA)}")
+    return TTA_WRAPPERS[tta](model)
 
 
 def validation_scores(

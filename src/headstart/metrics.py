@@ -5,8 +5,10 @@ from __future__ import annotations
 import numpy as np
 from sklearn.metrics import (
     accuracy_score,
+    average_precision_score,
     balanced_accuracy_score,
     f1_score,
+    precision_recall_curve,
     precision_recall_fscore_support,
 )
 
@@ -79,6 +81,54 @@ def per_class_f1_records(reports: dict[str, dict], classes: list[str]) -> list[d
         {"class": name, **{model: r["per_class"][name]["f1"] for model, r in reports.items()}}
         for name in classes
     ]
+
+
+def precision_recall_records(
+    probabilities: np.ndarray, y_true: np.ndarray, classes: list[str], decimals: int = 4
+) -> list[dict]:
+    """One-vs-rest precision-recall curve of each class, as flat DVC plot records
+    {class, recall, precision}, class by class in `classes` order, each curve from recall 0
+    (precision 1) up to recall 1; a class with no image in `y_true` has no curve.
+
+    `probabilities` (N, num_classes): class c's column ranks the images, the images of class c
+    are the positives (scikit-learn's precision_recall_curve). Points are rounded to `decimals`
+    and only the corners of the curve are kept: scikit-learn drops the thresholds inside a
+    vertical run (drop_intermediate) and a point equal to the one before it is dropped, so the
+    file stays small and the drawn line is unchanged.
+    """
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    y_true = np.asarray(y_true)
+    records: list[dict] = []
+    for index, name in enumerate(classes):
+        positives = y_true == index
+        if not positives.any():  # recall has no meaning without positives
+            continue
+        precision, recall, _ = precision_recall_curve(
+            positives, probabilities[:, index], drop_intermediate=True
+        )
+        previous = None
+        # scikit-learn orders the points by rising threshold (recall falling): reversed here.
+        for r, p in zip(recall[::-1].tolist(), precision[::-1].tolist(), strict=True):
+            point = (round(r, decimals), round(p, decimals))
+            if point != previous:
+                records.append({"class": name, "recall": point[0], "precision": point[1]})
+            previous = point
+    return records
+
+
+def average_precision_by_class(
+    probabilities: np.ndarray, y_true: np.ndarray, classes: list[str]
+) -> dict[str, float | None]:
+    """Each class's one-vs-rest average precision (the area under its precision-recall curve,
+    scikit-learn's step-wise sum); None for a class with no image in `y_true`."""
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    y_true = np.asarray(y_true)
+    return {
+        name: round(float(average_precision_score(y_true == index, probabilities[:, index])), 6)
+        if (y_true == index).any()
+        else None
+        for index, name in enumerate(classes)
+    }
 
 
 def worst_misclassified(probabilities: np.ndarray, y_true: np.ndarray, top: int = 16) -> list[int]:

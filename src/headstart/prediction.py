@@ -104,13 +104,16 @@ def predict_files(
     device,
     num_workers: int = 0,
     temperature: float = 1.0,
+    tta: str = "none",
 ) -> list[Prediction]:
     """Top-k probabilities, softmax(logits / temperature), for every path, in input order;
     failures carry a reason. The temperature (headstart.calibration) never changes the order
-    of the classes, only how sure the model says it is."""
+    of the classes, only how sure the model says it is. `tta`: the test-time augmentation of
+    the logits (inference.TTA), as evaluate.tta applies it."""
     import torch
     from tqdm import tqdm
 
+    from headstart.inference import with_tta
     from headstart.transforms import decode_size, eval_transform, preprocessing
 
     transform = eval_transform(**preprocessing(meta))
@@ -122,6 +125,7 @@ def predict_files(
         collate_fn=_collate,
     )
     results: list[Prediction] = [Prediction(utf8_safe(str(p))) for p in paths]
+    model = with_tta(model, tta)
     model.eval().to(device, memory_format=torch.channels_last)  # as evaluate runs it
     progress = tqdm(
         total=len(paths),

@@ -134,6 +134,7 @@ def render_model_card(
             ["normalisation", f"mean {model_meta['mean']}, std {model_meta['std']}"],
             ["classes", ", ".join(classes)],
             ["calibration", _calibration_line(calibration)],
+            ["test-time augmentation", _tta_line(calibration.get("tta", "none"))],
         ],
     )
     add("")
@@ -317,6 +318,15 @@ def _calibration_line(calibration: dict[str, Any]) -> str:
     if not calibration.get("fitted"):
         return "none (`evaluate.calibrate: false`)"
     return f"temperature {calibration['temperature']:.4f}, in `{calibration['file']}`"
+
+
+def _tta_line(tta: str) -> str:
+    if tta == "flip":
+        return (
+            "flip: the mean of the logits of each image and of its mirror, on val and test "
+            "(`headstart predict --tta flip` does the same; the head on cached features: none)"
+        )
+    return "none"
 
 
 def _temperature_meaning(temperature: float) -> str:
