@@ -139,6 +139,15 @@ def valid_params() -> dict:
         },
         "evaluate": {"calibrate": True, "tta": "none"},
         "compare": {"backbones": ["efficientnet_lite0"], "weights": "none", "image_size": 32},
+        "audit": {
+            "folds": 3,
+            "logreg_c": 0.1,
+            "duplicate_threshold": 0.97,
+            "neighbours": 3,
+            "outlier_fence": 3.0,
+            "max_shown": 8,
+            "seed": 0,
+        },
     }
 
 

@@ -27,6 +27,7 @@ from headstart.errors import ParamsError
 from headstart.heads import HEADS
 from headstart.inference import TTA
 from headstart.loaders import SAMPLERS
+from headstart.params_stages import AuditParams
 from headstart.params_types import RENAMED, check, check_keys, coerce, doc, read_yaml
 from headstart.train import SELECT
 from headstart.transforms import AUGMENTATIONS
@@ -361,6 +362,7 @@ class Params:
     finetune: FinetuneParams
     evaluate: EvaluateParams
     compare: CompareParams
+    audit: AuditParams
 
 
 def _section(cls: type, raw: Any, name: str) -> Any:
