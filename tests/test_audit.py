@@ -103,6 +103,22 @@ def test_pairs_are_found_tile_by_tile_as_by_the_full_matrix():
     assert (groups[[1, 4, 6]] == -1).all()
 
 
+def test_outlier_scores_are_scikit_learns_nearest_neighbours():
+    from sklearn.neighbors import NearestNeighbors
+
+    from headstart.audit import normalised, outlier_scores
+
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(500, 12)).astype(np.float32)
+    splits = rng.choice(3, size=500, p=[0.7, 0.15, 0.15]).astype(np.int8)
+    scores = outlier_scores(features, splits, 5, tile=64)
+    unit = normalised(features)
+    train = splits == 0
+    distances, _ = NearestNeighbors(n_neighbors=6).fit(unit[train]).kneighbors(unit)
+    expected = np.where(train, distances[:, 1:].mean(1), distances[:, :5].mean(1))
+    assert np.allclose(scores, expected, atol=1e-3)
+
+
 def _jpeg(image: Image.Image) -> Image.Image:
     buffer = io.BytesIO()
     image.save(buffer, "JPEG", quality=85)

@@ -234,24 +234,35 @@ def pair_kind(label_a: int, label_b: int, split_a: int, split_b: int) -> str:
     return "+".join(kinds) or "within_class"
 
 
-def outlier_scores(features: np.ndarray, splits: np.ndarray, neighbours: int) -> np.ndarray:
+def outlier_scores(
+    features: np.ndarray, splits: np.ndarray, neighbours: int, tile: int = TILE
+) -> np.ndarray:
     """(N,) each image's mean Euclidean distance between unit-length features to its k nearest
-    train images (itself excluded): large means unlike anything the head trains on."""
-    from sklearn.neighbors import NearestNeighbors
+    train images (itself excluded): large means unlike anything the head trains on.
 
+    Tile by tile, as the near-duplicates: each query tile keeps its k + 1 highest similarities
+    so far (a train image finds itself first, and drops it). The same scores as scikit-learn's
+    brute-force neighbours (tests/test_audit.py), 1.3x faster at 50,000 images (bench/audit.py)."""
     unit = normalised(features)
     train = np.flatnonzero(splits == SPLITS.index("train"))
     k = min(neighbours, len(train) - 1)
     if k < 1:
         raise DataError("data/prepared: the outlier score needs two train images or more")
-    index = NearestNeighbors(n_neighbors=k + 1, algorithm="brute").fit(unit[train])
-    distances, found = index.kneighbors(unit)  # (N, k + 1), nearest first
-    scores = np.empty(len(unit))
+    reference = unit[train]
     is_train = np.zeros(len(unit), dtype=bool)
     is_train[train] = True
-    # A train image finds itself first (distance 0): skip that column; others keep the first k.
-    scores[is_train] = distances[is_train, 1:].mean(1)
-    scores[~is_train] = distances[~is_train, :k].mean(1)
+    scores = np.empty(len(unit))
+    for a in range(0, len(unit), tile):
+        best = np.full((min(tile, len(unit) - a), k + 1), -np.inf, dtype=np.float32)
+        for b in range(0, len(reference), tile):
+            both = np.concatenate([best, unit[a : a + tile] @ reference[b : b + tile].T], axis=1)
+            keep = np.argpartition(-both, k, axis=1)[:, : k + 1]
+            best = np.take_along_axis(both, keep, axis=1)
+        best = -np.sort(-best, axis=1)  # (tile, k + 1) similarities, nearest first
+        distances = np.sqrt(np.maximum(2.0 - 2.0 * best.astype(np.float64), 0.0))
+        rows, part = is_train[a : a + tile], scores[a : a + tile]  # part: a view into scores
+        part[rows] = distances[rows, 1:].mean(1)
+        part[~rows] = distances[~rows, :k].mean(1)
     return scores
 
 
