@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     params = load_params().data
 
     classes, rows, report = prepare_index(
-        args.data_dir, params.val_fraction, params.test_fraction, params.seed
+        args.data_dir, params.val_fraction, params.test_fraction, params.seed, params.near_copies
     )
     write_csv(args.prepared_dir / "index.csv", INDEX_HEADER, rows)
     write_json(args.prepared_dir / "classes.json", classes)
@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> None:
             **report["splits"],
             "skipped": report["num_skipped"],
             "imbalance_ratio": report["imbalance_ratio"],
+            "near_copy_groups": report["near_copy_groups"],
         },
     )
     summary(report)

@@ -88,7 +88,13 @@ def write_image_folder(root: Path) -> Path:
 def valid_params() -> dict:
     """A params mapping with the structure of the shipped params.yaml, sized for tests."""
     return {
-        "data": {"dir": "images", "val_fraction": 0.15, "test_fraction": 0.15, "seed": 42},
+        "data": {
+            "dir": "images",
+            "val_fraction": 0.15,
+            "test_fraction": 0.15,
+            "seed": 42,
+            "near_copies": "phash",
+        },
         "backbone": {"name": "efficientnet_lite0", "weights": "none", "image_size": 32},
         "compute": {
             "device": "cpu",
@@ -133,6 +139,15 @@ def valid_params() -> dict:
         },
         "evaluate": {"calibrate": True, "tta": "none"},
         "compare": {"backbones": ["efficientnet_lite0"], "weights": "none", "image_size": 32},
+        "audit": {
+            "folds": 3,
+            "logreg_c": 0.1,
+            "duplicate_threshold": 0.97,
+            "neighbours": 3,
+            "outlier_fence": 3.0,
+            "max_shown": 8,
+            "seed": 0,
+        },
     }
 
 

@@ -32,7 +32,14 @@ import yaml
 
 PROJECT = Path(__file__).resolve().parents[1]
 PACKAGE = PROJECT / "src" / "headstart"
-NOT_OUTPUT_SHAPING = ("__init__.py", "errors.py", "params.py", "params_types.py", "stage.py")
+NOT_OUTPUT_SHAPING = (
+    "__init__.py",
+    "errors.py",
+    "params.py",
+    "params_stages.py",
+    "params_types.py",
+    "stage.py",
+)
 
 
 def _load_yaml(name: str) -> dict:

@@ -132,6 +132,7 @@ def test_card_sections_and_numbers():
     assert "| fox\\|wolf | 8 | 2 | 2 | 12 |" in card  # the pipe escaped
     assert "| **total** | 24 | 6 | 10 | 40 |" in card
     assert "Skipped: 1 hidden, 1 truncated" in card
+    assert "Data audit" in card and "[audit.md](audit.md)" in card  # the audit's own page
     assert _inputs()["data"]["fingerprint"] in card
     # Params of every stage, metrics of both models
     assert "| `finetune.unfreeze` | `2` |" in card and "| `head.lr` | `0.003` |" in card

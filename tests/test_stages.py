@@ -146,6 +146,7 @@ def test_prepare_outputs(pipeline):
         **{s: counts[s] for s in SPLITS},
         "skipped": 0,
         "imbalance_ratio": 1.0,
+        "near_copy_groups": 0,
     }
 
 

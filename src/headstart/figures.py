@@ -98,9 +98,10 @@ def image_grid_png(
     title: str,
     columns: int = 4,
     size: int = 112,
+    empty: str = "none: every test image was classified correctly",
 ) -> bytes:
     """Images in a grid, each with caption lines under it (first line in red: the mistake).
-    With no images, a picture that says so (the output file always exists)."""
+    With no images, a picture that says `empty` (the output file always exists)."""
     font, bold = _font(12), _font(15)
     lines = max((len(c) for c in captions), default=0)
     pad, line_height = 8, 15
@@ -113,9 +114,7 @@ def image_grid_png(
     draw = ImageDraw.Draw(sheet)
     draw.text((pad + 2, 8), title, fill=INK, font=bold)
     if not images:
-        draw.text(
-            (pad + 2, 48), "none: every test image was classified correctly", fill=INK, font=font
-        )
+        draw.text((pad + 2, 48), empty, fill=INK, font=font)
     for k, (image, caption) in enumerate(zip(images, captions, strict=True)):
         x, y = pad + (k % columns) * tile_w + pad, 40 + (k // columns) * tile_h
         sheet.paste(_tile(image, size), (x, y))

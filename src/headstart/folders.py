@@ -19,6 +19,7 @@ from pathlib import Path
 from headstart.errors import DataError, MissingFileError
 from headstart.images import MAX_ASPECT_RATIO, UnusableImage, check_regular, decode_image
 from headstart.io import is_utf8, printable, sha256_file, utf8_safe
+from headstart.near_copies import perceptual_hash
 
 # Never classes, never samples: OS and tool droppings (plus every name starting with a dot).
 SYSTEM_NAMES = frozenset({"Thumbs.db", "desktop.ini", "__MACOSX"})
@@ -54,6 +55,7 @@ class Sample:
     width: int
     height: int
     given_split: str | None = None  # from a pre-split layout <root>/<split>/<class>/...
+    phash: str = ""  # perceptual hash (headstart.near_copies); "" when not computed
 
 
 @dataclass(frozen=True)
@@ -174,8 +176,9 @@ class _Walker:
                 )
 
 
-def index_image_folder(root: Path) -> FolderIndex:
+def index_image_folder(root: Path, perceptual_hashes: bool = False) -> FolderIndex:
     """Every file under root: a decodable image of a class, or skipped with a reason.
+    `perceptual_hashes`: also hash each decoded image (Sample.phash), for data.near_copies.
 
     Layouts: `<root>/<class>/...`, or pre-split `<root>/<train|val|test>/<class>/...` (used
     when the top-level folders are `train` plus optionally `val` and `test`).
@@ -247,9 +250,16 @@ def index_image_folder(root: Path) -> FolderIndex:
         index.exif_errors += decoded.exif_error
         width, height = decoded.image.size
         digest = sha256_file(candidate.path)
+        phash = perceptual_hash(decoded.image) if perceptual_hashes else ""
         index.samples.append(
             Sample(
-                candidate.relative, candidate.label, digest, width, height, candidate.given_split
+                candidate.relative,
+                candidate.label,
+                digest,
+                width,
+                height,
+                candidate.given_split,
+                phash,
             )
         )
     index.samples.sort(key=lambda s: s.path)

@@ -18,6 +18,7 @@ import numpy as np
 from headstart.errors import DataError
 from headstart.folders import SKIP_REASONS, SPLITS, index_image_folder
 from headstart.io import printable, read_json, sha256_file
+from headstart.near_copies import split_groups
 from headstart.splits import assign_splits
 
 log = logging.getLogger(__name__)
@@ -27,12 +28,14 @@ INDEX_HEADER = ["path", "label", "split", "sha256", "width", "height"]
 
 
 def prepare_index(
-    root: Path, val_fraction: float, test_fraction: float, seed: int
+    root: Path, val_fraction: float, test_fraction: float, seed: int, near_copies: str = "off"
 ) -> tuple[list[str], list[list[str]], dict]:
     """Index and split an ImageFolder: (classes, index rows [path, label, split, sha256,
-    width, height], report with counts per class and split and every skipped file)."""
-    index = index_image_folder(root)
-    split, more_skipped = assign_splits(index.samples, val_fraction, test_fraction, seed)
+    width, height], report with counts per class and split and every skipped file).
+    `near_copies`: `phash` keeps images with equal perceptual hashes in one split."""
+    index = index_image_folder(root, perceptual_hashes=near_copies != "off")
+    group_of, joined = split_groups(index.samples, near_copies)
+    split, more_skipped = assign_splits(index.samples, val_fraction, test_fraction, seed, group_of)
     skipped = sorted(index.skipped + more_skipped, key=lambda s: s.path)
     kept = [s for s in index.samples if s.path in split]
     counts = {c: {name: 0 for name in SPLITS} for c in index.classes}
@@ -67,6 +70,8 @@ def prepare_index(
         "image_modes": dict(sorted(index.modes.items())),
         "multi_frame": index.multi_frame,
         "exif_errors": index.exif_errors,
+        "near_copies": near_copies,
+        **joined,  # near_copy_groups, near_copy_images: joined into one split by their hash
         "num_skipped": len(skipped),
         "skipped_by_reason": dict(sorted(Counter(s.reason for s in skipped).items())),
         "skip_reasons": {r: SKIP_REASONS[r] for r in sorted({s.reason for s in skipped})},
@@ -266,6 +271,12 @@ def summary(report: dict) -> None:
             printable(smallest),
             sizes[smallest],
             ratio,
+        )
+    if report.get("near_copy_groups"):
+        log.info(
+            "%d groups of near-copies (equal perceptual hash, %d images) each kept in one split",
+            report["near_copy_groups"],
+            report["near_copy_images"],
         )
     if report["multi_frame"] or report["exif_errors"]:
         log.info(

@@ -27,6 +27,7 @@ from headstart.errors import ParamsError
 from headstart.heads import HEADS
 from headstart.inference import TTA
 from headstart.loaders import SAMPLERS
+from headstart.params_stages import AuditParams
 from headstart.params_types import RENAMED, check, check_keys, coerce, doc, read_yaml
 from headstart.train import SELECT
 from headstart.transforms import AUGMENTATIONS
@@ -36,6 +37,8 @@ __all__ = ["ParamsError", "Params", "load_params", "parse_params", "as_dict"]
 # Learning rates above this are typos (AdamW steps by about lr per step), and overflow float32.
 MAX_LR = 10.0
 
+# data.near_copies: how prepare groups images that must share a split (headstart.near_copies).
+NEAR_COPIES = ("phash", "off")
 # head.class_weight and finetune.class_weight.
 CLASS_WEIGHTS = ("none", "balanced")
 CLASS_WEIGHT_DOC = (
@@ -61,6 +64,11 @@ class DataParams:
     )
     test_fraction: float = doc("Share of each class held out for the test metrics, in (0, 1).")
     seed: int = doc("Split seed: an image's split is fixed by its content and this seed.")
+    near_copies: str = doc(
+        "`phash` (images with equal perceptual hashes share a split, as identical files do: "
+        "resized or re-encoded copies cannot leak from train into test) | `off` (only identical "
+        "files); docs/audit.md#near-copies-in-prepare."
+    )
 
     def validate(self) -> None:
         check(
@@ -69,6 +77,7 @@ class DataParams:
             "must be in (0, 1): the validation split picks the best epoch",
         )
         check(0.0 < self.test_fraction < 1.0, "data.test_fraction", "must be in (0, 1)")
+        check(self.near_copies in NEAR_COPIES, "data.near_copies", "must be 'phash' or 'off'")
         check(
             self.val_fraction + self.test_fraction < 0.9,
             "data.val_fraction",
@@ -353,6 +362,7 @@ class Params:
     finetune: FinetuneParams
     evaluate: EvaluateParams
     compare: CompareParams
+    audit: AuditParams
 
 
 def _section(cls: type, raw: Any, name: str) -> Any:

@@ -180,6 +180,18 @@ def render_model_card(
             + ", ".join(f"{n} {reason}" for reason, n in report["skipped_by_reason"].items())
             + " (every file and its reason: `data/prepared/report.json`)."
         )
+    if report.get("near_copy_groups"):
+        add("")
+        add(
+            f"{report['near_copy_groups']} groups of near-copies ({report['near_copy_images']} "
+            "images with equal perceptual hashes) were each kept in one split."
+        )
+    add("")
+    # The audit's own counts stay in its report: evaluate does not depend on the audit stage.
+    add(
+        "Data audit (likely label mistakes, near-duplicates and leaks across splits, outliers, "
+        "a cross-validated accuracy): [audit.md](audit.md), written by the audit stage."
+    )
     add("")
 
     # ---- Training

@@ -19,9 +19,14 @@ def _unit_hash(sha256: str, seed: int) -> float:
 
 
 def assign_splits(
-    samples: list[Sample], val_fraction: float, test_fraction: float, seed: int
+    samples: list[Sample],
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    group_of: dict[str, str] | None = None,
 ) -> tuple[dict[str, str], list[Skipped]]:
-    """Map each kept sample path to train/val/test; identical bytes share a split.
+    """Map each kept sample path to train/val/test; identical bytes share a split, and so do
+    the files `group_of` (sha256 -> group key, headstart.near_copies) puts in one group.
 
     A sample's split is fixed by where its content hash falls: [0, test) is test,
     [test, test + val) is val, the rest train. That is stratified in expectation, stable when
@@ -73,10 +78,12 @@ def assign_splits(
         if sample.path not in split:
             by_class.setdefault(sample.label, []).append(sample)
     for label, members in sorted(by_class.items()):
-        # Group identical bytes so duplicates move together; order groups by their hash value.
+        # Group identical bytes (and near-copies) so they move together, ordered by the hash
+        # value of the group's key: the same key in another class gives the same split there.
         groups: dict[str, list[Sample]] = {}
         for sample in members:
-            groups.setdefault(sample.sha256, []).append(sample)
+            key = group_of.get(sample.sha256, sample.sha256) if group_of else sample.sha256
+            groups.setdefault(key, []).append(sample)
         ordered = sorted(groups, key=lambda h: (_unit_hash(h, seed), h))
         assigned = {}
         for digest in ordered:
