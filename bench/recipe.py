@@ -8,11 +8,12 @@ params; photos at --photo-size px); then, through the stages' own functions, hea
 the default, and `logreg`) over the seeds, and fine-tuning (the committed finetune params,
 --epochs epochs) from the linear head of the same seed, once per recipe and seed. The EMA
 decay is 1 - 1 / (steps an epoch): an average over about the last epoch. Prints test
-accuracy, mean and spread (sample standard deviation over the seeds), per dataset and setting;
-the last line names the best fine-tuning setting of each dataset.
+accuracy, mean and spread (sample standard deviation over the seeds), per dataset and setting,
+as each dataset ends; the last line names the best fine-tuning setting of each dataset.
 
     python bench/recipe.py                          # 3 seeds, 5 epochs
-    python bench/recipe.py --seeds 2 --epochs 3 --datasets photos
+    python bench/recipe.py --seeds 2 --datasets digits --skip mixup
+    python bench/recipe.py --datasets photos --only heads   # the heads only (no recipe matches)
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import os
 import shutil
 import statistics
 import tempfile
@@ -120,6 +120,8 @@ def run_dataset(root: Path, dataset: str, params, args, results: dict) -> None:
     for name, overrides in recipes(dataset, steps_per_epoch).items():
         if args.only and not any(word in name for word in args.only):
             continue
+        if args.skip and any(word in name for word in args.skip):
+            continue
         started = time.perf_counter()
         for seed in range(args.seeds):
             head, meta = heads[seed]
@@ -132,8 +134,10 @@ def run_dataset(root: Path, dataset: str, params, args, results: dict) -> None:
         seconds = (time.perf_counter() - started) / args.seeds
         print(
             f"  {dataset} {name}: {_spread(results[dataset][f'fine-tuned, {name}'])}, "
-            f"{seconds:.0f} s a run"
+            f"{seconds:.0f} s a run",
+            flush=True,
         )
+    print_table(dataset, results[dataset])  # as each dataset ends: a long run shows them all
 
 
 def main() -> None:
@@ -143,9 +147,9 @@ def main() -> None:
     parser.add_argument("--photo-size", type=int, default=128)
     parser.add_argument("--datasets", default="digits,photos")
     parser.add_argument("--only", nargs="*", help="run only the recipes whose name has a word")
+    parser.add_argument("--skip", nargs="*", help="skip the recipes whose name has a word")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    os.environ.setdefault("TQDM_DISABLE", "1")
     params = load_params()
     root = Path(tempfile.mkdtemp(prefix="headstart-recipe-"))
     results: dict[str, dict[str, list[float]]] = {}
@@ -154,17 +158,21 @@ def main() -> None:
             run_dataset(root, dataset, params, args, results)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    print()
-    print(f"{'dataset':<8}{'setting':<40}{'runs':>5}  {'test accuracy':>18}")
     best = []
     for dataset, settings in results.items():
-        for name, values in settings.items():
-            print(f"{dataset:<8}{name:<40}{len(values):>5}  {_spread(values):>18}")
         tuned = {n: statistics.mean(v) for n, v in settings.items() if n.startswith("fine")}
         if tuned:
             top = max(tuned, key=tuned.get)
             best.append(f"{dataset}: {top.removeprefix('fine-tuned, ')} {tuned[top]:.4f}")
     print(f"best fine-tuning setting by mean test accuracy: {'; '.join(best)}")
+
+
+def print_table(dataset: str, settings: dict[str, list[float]]) -> None:
+    print()
+    print(f"{'dataset':<8}{'setting':<40}{'runs':>5}  {'test accuracy':>18}  each seed's")
+    for name, values in settings.items():
+        each = " ".join(f"{v:.4f}" for v in values)
+        print(f"{dataset:<8}{name:<40}{len(values):>5}  {_spread(values):>18}  {each}")
 
 
 if __name__ == "__main__":
