@@ -23,6 +23,7 @@ from headstart.evaluation import evaluate
 from headstart.index import load_prepared
 from headstart.io import write_bytes, write_json, write_text
 from headstart.params import load_params
+from headstart.schemas import read_json_file
 from headstart.stage import run
 
 OUTPUTS = ("metrics", "per_class", "environment", "plots_dir", "calibration", "model_card")
@@ -34,6 +35,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.add_argument(name, type=Path)
     for name in OUTPUTS:
         parser.add_argument(name, type=Path)
+    parser.add_argument(
+        "--audit", type=Path, help="the audit stage's metrics/audit.json: its counts go in the card"
+    )
     args = parser.parse_args(argv)
     params = load_params()
 
@@ -49,6 +53,7 @@ def main(argv: list[str] | None = None) -> None:
         calibrate_temperature=params.evaluate.calibrate,
         calibration_file=args.calibration,
         tta=params.evaluate.tta,
+        audit=read_json_file(args.audit) if args.audit else None,
     )
     write_json(args.metrics, result.metrics)
     write_json(args.calibration, result.calibration)

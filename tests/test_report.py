@@ -295,3 +295,24 @@ def test_card_names_the_test_time_augmentation():
     inputs["calibration"]["tta"] = "flip"
     card = render_model_card(**inputs)
     assert "| test-time augmentation | flip: the mean of the logits of each image" in card
+
+
+def test_card_states_the_audit_counts_and_links_its_reports():
+    """With the audit's metrics (evaluate --audit), the card gives its counts, each beside the
+    report that lists them; without, it only links the audit's summary."""
+    audit = {
+        "label_issues": 12,
+        "near_duplicates": {"groups": 7, "cross_split": 3, "cross_class": 1},
+        "outliers": 2,
+        "cv_accuracy": {"mean": 0.956868, "std": 0.006634, "folds": 5},
+    }
+    card = render_model_card(**_inputs(), audit=audit)
+    line = next(line for line in card.splitlines() if line.startswith("Data audit"))
+    assert "12 likely label mistakes ([label_issues.csv](label_issues.csv))" in line
+    assert "7 groups of near-duplicates (3 across splits, 1 across classes" in line
+    assert "2 outliers ([outliers.csv](outliers.csv))" in line
+    assert "0.9569 ± 0.0066 over 5 folds" in line
+    assert "[audit.md](audit.md)" in line
+    plain = render_model_card(**_inputs())
+    assert "Data audit (likely label mistakes, near-duplicates" in plain
+    assert "likely label mistakes ([" not in plain

@@ -130,6 +130,7 @@ def test_metrics_files_are_the_metrics_of_dvc_yaml():
     assert check.metrics_files(PROJECT) == [
         "metrics/evaluate.json",
         "metrics/data.json",
+        "metrics/audit.json",
         "metrics/compare/efficientnet_lite0/head.json",
         "metrics/compare/efficientnet_lite1/head.json",
         "metrics/compare/efficientnet_lite2/head.json",

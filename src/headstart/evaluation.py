@@ -79,10 +79,12 @@ def evaluate(
     calibrate_temperature: bool,
     calibration_file: Path,
     tta: str,
+    audit: dict[str, Any] | None = None,
 ) -> Evaluation:
     """Score the head (train_head's checkpoint, on the cached test features) and the fine-tuned
     model (on the test images, with the test-time augmentation `tta`, inference.TTA); fit a
-    temperature on val when `calibrate_temperature`. `calibration_file` is where the
+    temperature on val when `calibrate_temperature`. `audit`: the audit stage's metrics, whose
+    counts the model card states (None: it links the audit only). `calibration_file` is where the
     calibration will be written, named in the model card."""
     set_threads(threads)
     torch_device = resolve_device(device)
@@ -224,6 +226,7 @@ def evaluate(
         confused=most_confused(counts, classes),
         calibration=calibration | {"file": str(calibration_file)},
         environment=environment,
+        audit=audit,
     )
     log.info(
         "test ECE: head %.4f, fine-tuned %.4f, calibrated (T = %.3f) %.4f",

@@ -94,6 +94,7 @@ def render_model_card(
     confused: list[dict],
     calibration: dict[str, Any],
     environment: dict[str, dict | None],
+    audit: dict[str, Any] | None = None,
 ) -> str:
     """The model card as Markdown text.
 
@@ -101,7 +102,8 @@ def render_model_card(
     num_parameters}; data: {dir, fingerprint, report (prepare's report.json)}; metrics: what
     evaluate writes to metrics/evaluate.json; reports: classification_report per model;
     confused: most_confused() of the fine-tuned model; calibration: the record written beside
-    the model; environment: headstart.environment records per stage.
+    the model; environment: headstart.environment records per stage; audit: the audit stage's
+    metrics/audit.json, or None.
     """
     classes = model_meta["classes"]
     report = data["report"]
@@ -187,11 +189,7 @@ def render_model_card(
             "images with equal perceptual hashes) were each kept in one split."
         )
     add("")
-    # The audit's own counts stay in its report: evaluate does not depend on the audit stage.
-    add(
-        "Data audit (likely label mistakes, near-duplicates and leaks across splits, outliers, "
-        "a cross-validated accuracy): [audit.md](audit.md), written by the audit stage."
-    )
+    add(_audit_line(audit))
     add("")
 
     # ---- Training
@@ -330,6 +328,32 @@ def _calibration_line(calibration: dict[str, Any]) -> str:
     if not calibration.get("fitted"):
         return "none (`evaluate.calibrate: false`)"
     return f"temperature {calibration['temperature']:.4f}, in `{calibration['file']}`"
+
+
+def _audit_line(audit: dict[str, Any] | None) -> str:
+    """The data audit's counts (metrics/audit.json) and where its reports are."""
+    where = "[audit.md](audit.md), written by the audit stage"
+    if not audit:
+        return (
+            "Data audit (likely label mistakes, near-duplicates and leaks across splits, "
+            f"outliers, a cross-validated accuracy): {where}."
+        )
+    duplicates = audit.get("near_duplicates", {})
+    cv = audit.get("cv_accuracy", {})
+    found = [
+        f"{audit.get('label_issues', 0)} likely label mistakes "
+        "([label_issues.csv](label_issues.csv))",
+        f"{duplicates.get('groups', 0)} groups of near-duplicates "
+        f"({duplicates.get('cross_split', 0)} across splits, "
+        f"{duplicates.get('cross_class', 0)} across classes; "
+        "[near_duplicates.csv](near_duplicates.csv))",
+        f"{audit.get('outliers', 0)} outliers ([outliers.csv](outliers.csv))",
+    ]
+    return (
+        f"Data audit ({where}): {', '.join(found)}; a logistic-regression head's "
+        f"cross-validated accuracy {_f(cv.get('mean'))} ± {_f(cv.get('std'))} over "
+        f"{cv.get('folds', '?')} folds."
+    )
 
 
 def _tta_line(tta: str) -> str:
