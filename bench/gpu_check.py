@@ -75,6 +75,8 @@ def run_pipeline(folder: Path) -> dict:
         # "python stages/extract.py ${data.dir} data/prepared ..." -> the script and its argv
         cmd = pipeline[name]["cmd"].replace("${data.dir}", params["data"]["dir"])
         script, *argv = shlex.split(cmd)[1:]
+        if "--audit" in argv:  # the audit (cleanlab, CPU-only work) is not run here
+            del argv[argv.index("--audit") : argv.index("--audit") + 2]
         spec = importlib.util.spec_from_file_location(f"stage_{name}", PROJECT / script)
         stage = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(stage)

@@ -46,6 +46,7 @@ def test_a_timm_backbone_runs_every_stage_predict_and_export(
     assert ran_stages(output) == {
         "prepare",
         "extract",
+        "audit",
         "train_head",
         "finetune",
         "evaluate",

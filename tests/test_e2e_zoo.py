@@ -114,7 +114,7 @@ def test_zoo_runs_through_dvc_repro(tmp_path, image_folder):
     # Up to evaluate, the last stage that reads the images. (Export reads only the model, and
     # digits, the built-in dataset, is not read when data.dir is set.)
     output = run(repo, "dvc", "repro", "evaluate")
-    up_to_evaluate = {"prepare", "extract", "train_head", "finetune", "evaluate"}
+    up_to_evaluate = {"prepare", "extract", "audit", "train_head", "finetune", "evaluate"}
     assert ran_stages(output) == up_to_evaluate, output
 
     with open(repo / "data" / "prepared" / "index.csv", newline="", encoding="utf-8") as handle:
