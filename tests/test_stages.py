@@ -71,6 +71,7 @@ STAGE_ARGV = {
         "plots",
         "models/finetuned.calibration.json",
         "reports/model_card.md",
+        "models/finetuned.guard.safetensors",
     ],
     "export": [
         "models/finetuned.pt",
@@ -122,6 +123,7 @@ EXPECTED_OUTPUTS = [
     "plots/worst_misclassified.png",
     "models/finetuned.calibration.json",
     "reports/model_card.md",
+    "models/finetuned.guard.safetensors",
     "models/finetuned.torchscript.pt",
     "models/finetuned.torchscript.json",
 ]

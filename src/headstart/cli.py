@@ -2,6 +2,7 @@
 
     headstart predict MODEL IMAGE_OR_FOLDER... [--top-k K] [--format table|csv|json]
                       [--calibration auto|none|FILE] [--tta none|flip]
+                      [--guard auto|none|FILE]
     headstart info MODEL [--format text|json]
     headstart export MODEL OUT --format torchscript [--calibration auto|none|FILE]
     headstart params [--format markdown]
@@ -65,6 +66,28 @@ def resolve_temperature(model_path: Path, calibration: str) -> float:
     return temperature
 
 
+def resolve_guard(model_path: Path, guard: str):
+    """--guard: `auto` reads MODEL's guard file (models/finetuned.pt ->
+    models/finetuned.guard.safetensors, written by evaluate) when there is one, `none` uses
+    none (every `familiar` is null), anything else is a guard file's path."""
+    from headstart.familiarity import guard_path, read_guard
+
+    if guard == "none":
+        return None
+    path = guard_path(model_path) if guard == "auto" else Path(guard)
+    if not path.is_file():
+        if guard == "auto":
+            log.info("no unfamiliar-image guard beside %s (%s)", model_path, path)
+            return None
+        raise UsageError(f"{path}: guard file not found")
+    try:
+        loaded = read_guard(path, model_path)
+    except HeadstartError as error:
+        raise UsageError(str(error)) from error
+    log.info("unfamiliar-image guard: threshold %.4f from %s", loaded.threshold, path)
+    return loaded
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from headstart.prediction import (
         format_csv,
@@ -84,6 +107,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     model, meta = _load_model(args.model)
     device = resolve_device(args.device, key="--device")
     temperature = resolve_temperature(args.model, args.calibration)
+    guard = resolve_guard(args.model, args.guard)
     paths = list_inputs(args.inputs)
     if not paths:
         raise UsageError(f"no files found in {', '.join(map(str, args.inputs))}")
@@ -97,6 +121,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         num_workers=args.num_workers,
         temperature=temperature,
         tta=args.tta,
+        guard=guard,
     )
     formatter = {"table": format_table, "csv": format_csv, "json": format_json}[args.format]
     sys.stdout.write(formatter(results))
@@ -238,6 +263,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="none",
         help="test-time augmentation: flip averages the logits of each image and its mirror, "
         "as evaluate.tta: flip (default none)",
+    )
+    predict.add_argument(
+        "--guard",
+        default="auto",
+        metavar="auto|none|FILE",
+        help="unfamiliar-image guard: auto (default) uses MODEL's .guard.safetensors beside it "
+        "when present; each image gets `familiar` and its `distance`",
     )
     predict.set_defaults(run=cmd_predict)
 
