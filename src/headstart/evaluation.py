@@ -26,8 +26,6 @@ from headstart.calibration import (
 )
 from headstart.environment import describe
 from headstart.errors import DataError
-from headstart.figures import confusion_png, image_grid_png
-from headstart.images import decode_image
 from headstart.familiarity import (
     LogitsAndFeatures,
     build_guard,
@@ -37,6 +35,8 @@ from headstart.familiarity import (
     split_outputs,
     summary,
 )
+from headstart.figures import confusion_png, image_grid_png
+from headstart.images import decode_image
 from headstart.inference import run_inference
 from headstart.loaders import image_loader
 from headstart.metrics import (

@@ -25,7 +25,6 @@ from ruamel.yaml.error import YAMLError
 from headstart.backbones import BACKBONES, TIMM_PREFIX, backbone_spec, drop_path_unsupported
 from headstart.errors import ParamsError
 from headstart.heads import HEADS
-from headstart.inference import TTA
 from headstart.loaders import SAMPLERS
 from headstart.params_stages import AuditParams, EvaluateParams
 from headstart.params_types import RENAMED, check, check_keys, coerce, doc, read_yaml
