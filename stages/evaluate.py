@@ -27,15 +27,7 @@ from headstart.params import load_params
 from headstart.schemas import read_json_file
 from headstart.stage import run
 
-OUTPUTS = (
-    "metrics",
-    "per_class",
-    "environment",
-    "plots_dir",
-    "calibration",
-    "model_card",
-    "guard",
-)
+OUTPUTS = "metrics per_class environment plots_dir calibration model_card guard".split()
 
 
 def main(argv: list[str] | None = None) -> None:
