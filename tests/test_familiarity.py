@@ -89,13 +89,24 @@ def test_guard_file_round_trips_is_deterministic_and_tied_to_the_model(tmp_path)
         read_guard(path, model)
 
 
-def test_logits_and_features_are_the_models():
+@pytest.mark.parametrize(
+    "name, size",
+    [
+        ("efficientnet_lite0", 32),
+        ("resnet18", 32),
+        ("mobilenet_v3_small", 32),
+        ("convnext_tiny", 32),
+        ("timm:test_vit.r160_in1k", 160),
+    ],
+)
+def test_logits_and_features_are_the_models_for_every_family(name, size):
+    """Every backbone family gives the guard its pooled features (random init, no weights)."""
     from headstart.backbones import build_backbone
     from headstart.model import Classifier
 
     torch.manual_seed(0)
-    tiny_classifier = Classifier(build_backbone("mobilenet_v3_small", "none"), 3).eval()
-    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    tiny_classifier = Classifier(build_backbone(name, "none"), 3).eval()
+    images = torch.rand(4, 3, size, size, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         for tta in ("none", "flip"):
             logits, features = split_outputs(
@@ -106,6 +117,7 @@ def test_logits_and_features_are_the_models():
             np.testing.assert_allclose(
                 features, tiny_classifier.backbone(images).numpy(), rtol=1e-6, atol=1e-6
             )
+            assert features.shape == (4, tiny_classifier.backbone.num_features)
 
 
 def test_foreign_sets_are_fixed_rgb_images():
