@@ -1,7 +1,7 @@
 """Stage evaluate: test metrics and plots for the head alone and for the fine-tuned model.
 
     python stages/evaluate.py DATA_DIR PREPARED_DIR FEATURES_DIR HEAD_MODEL FINETUNED_MODEL \
-        METRICS PER_CLASS ENVIRONMENT PLOTS_DIR CALIBRATION MODEL_CARD
+        METRICS PER_CLASS ENVIRONMENT PLOTS_DIR CALIBRATION MODEL_CARD GUARD
 
 The head is scored on the cached test features, the fine-tuned model on the test images
 (with evaluate.tta). METRICS: {"head": {"accuracy", "macro_f1", "ece"}, "finetuned": {...,
@@ -10,8 +10,9 @@ precision per class for both; ENVIRONMENT: the software and machine each stage r
 PLOTS_DIR: confusion records for DVC's confusion template, reliability diagram bins, F1 per
 class, precision-recall curves per class, and two PNG pictures; CALIBRATION: the temperature
 fitted on val (1.0 with evaluate.calibrate: false), which predict and export apply;
-MODEL_CARD: Markdown. Reads params: compute.device, compute.num_workers, compute.threads,
-inference.batch_size, evaluate.calibrate, evaluate.tta.
+MODEL_CARD: Markdown; GUARD: the unfamiliar-image guard (headstart.familiarity), whose val,
+test and foreign-set shares go in METRICS under "guard". Reads params: compute.device,
+compute.num_workers, compute.threads, inference.batch_size, evaluate.*.
 """
 
 import argparse
@@ -26,7 +27,7 @@ from headstart.params import load_params
 from headstart.schemas import read_json_file
 from headstart.stage import run
 
-OUTPUTS = ("metrics", "per_class", "environment", "plots_dir", "calibration", "model_card")
+OUTPUTS = "metrics per_class environment plots_dir calibration model_card guard".split()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -53,6 +54,7 @@ def main(argv: list[str] | None = None) -> None:
         calibrate_temperature=params.evaluate.calibrate,
         calibration_file=args.calibration,
         tta=params.evaluate.tta,
+        guard_settings=params.evaluate,
         audit=read_json_file(args.audit) if args.audit else None,
     )
     write_json(args.metrics, result.metrics)
@@ -64,6 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     for name, picture in result.pictures.items():
         write_bytes(args.plots_dir / name, picture)
     write_text(args.model_card, result.model_card)
+    write_bytes(args.guard, result.guard)
 
 
 if __name__ == "__main__":

@@ -137,7 +137,14 @@ def valid_params() -> dict:
             "bn": "frozen",
             "seed": 0,
         },
-        "evaluate": {"calibrate": True, "tta": "none"},
+        "evaluate": {
+            "calibrate": True,
+            "tta": "none",
+            "guard_neighbours": 3,
+            "guard_flag_rate": 0.05,
+            "guard_reference": 10000,
+            "guard_foreign": ["noise", "blank"],
+        },
         "compare": {"backbones": ["efficientnet_lite0"], "weights": "none", "image_size": 32},
         "audit": {
             "folds": 3,

@@ -173,7 +173,16 @@ def test_csv_and_table_shapes(checkpoint, image_folder, capsys):
     code, out, _ = run_cli(capsys, "predict", checkpoint, image, "--format", "csv", "--top-k", 2)
     assert code == 0
     rows = list(csv.DictReader(io.StringIO(out)))
-    assert list(rows[0]) == ["path", "rank", "class", "probability", "error"]
+    assert list(rows[0]) == [
+        "path",
+        "rank",
+        "class",
+        "probability",
+        "familiar",
+        "distance",
+        "error",
+    ]
+    assert {r["familiar"] for r in rows} == {""}  # no guard beside this checkpoint
     assert [(r["path"], r["rank"], r["error"]) for r in rows] == [
         (str(image), "1", ""),
         (str(image), "2", ""),
@@ -458,3 +467,57 @@ def test_export_bytes_do_not_depend_on_where_the_code_lives(checkpoint, tmp_path
     assert b".debug_pkl" not in outs[0]
     assert str(package).encode() not in outs[0] and str(tmp_path).encode() not in outs[0]
     assert str(Path(torch.__file__).parent).encode() not in outs[0]
+
+
+def test_predict_reports_the_guard_beside_the_model(checkpoint, image_folder, tmp_path, capsys):
+    """A guard file beside the model (as evaluate writes it): every image gets `familiar` and
+    its distance in JSON and CSV; noise and a blank frame are flagged, the class images not;
+    --guard none turns it off; a guard of another model version is refused."""
+    import shutil
+
+    from PIL import Image
+
+    from headstart.familiarity import build_guard, guard_bytes, guard_path
+
+    model_path = tmp_path / "finetuned.pt"
+    shutil.copyfile(checkpoint, model_path)
+    paths = sorted(str(p.relative_to(image_folder)) for p in image_folder.rglob("*.*"))
+    model, meta = load_classifier(model_path)
+    features, _ = run_inference(
+        model.backbone,
+        torch.utils.data.DataLoader(
+            ImageDataset(
+                image_folder, paths, [0] * len(paths), eval_transform(IMAGE_SIZE, MEAN, STD), 32
+            ),
+            batch_size=8,
+        ),
+        torch.device("cpu"),
+    )
+    guard = build_guard(features[::2], features[1::2], neighbours=3, flag_rate=0.05)
+    guard_path(model_path).write_bytes(guard_bytes(guard, model_path))
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(tmp_path / "n.png")
+    Image.new("RGB", (48, 48), (0, 0, 0)).save(tmp_path / "blank.png")
+    inputs = [tmp_path / "n.png", tmp_path / "blank.png", image_folder / "cat"]
+
+    code, out, _ = run_cli(capsys, "predict", model_path, *inputs, "--format", "json")
+    assert code == 0
+    results = {Path(r["path"]).name: r for r in json.loads(out)}
+    assert results["n.png"]["familiar"] is False and results["blank.png"]["familiar"] is False
+    cats = [r for name, r in results.items() if name.startswith("cat")]
+    assert len(cats) == 12 and sum(r["familiar"] for r in cats) >= 11
+    assert all(r["distance"] > guard.threshold for r in (results["n.png"], results["blank.png"]))
+
+    code, out, _ = run_cli(capsys, "predict", model_path, *inputs[:2], "--format", "csv")
+    assert [r["familiar"] for r in csv.DictReader(io.StringIO(out))] == ["false", "false"]
+    code, out, _ = run_cli(capsys, "predict", model_path, inputs[0])
+    assert "UNFAMILIAR (distance" in out
+    code, out, _ = run_cli(
+        capsys, "predict", model_path, inputs[0], "--guard", "none", "--format", "json"
+    )
+    assert json.loads(out)[0]["familiar"] is None
+
+    other = tmp_path / "other.pt"  # a checkpoint that loads, but is not the guard's model
+    torch.save(torch.load(checkpoint, weights_only=False) | {"edited": True}, other)
+    code, _, err = run_cli(capsys, "predict", other, inputs[0], "--guard", guard_path(model_path))
+    assert code == 2 and "another version of" in err

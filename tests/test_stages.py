@@ -71,6 +71,7 @@ STAGE_ARGV = {
         "plots",
         "models/finetuned.calibration.json",
         "reports/model_card.md",
+        "models/finetuned.guard.safetensors",
     ],
     "export": [
         "models/finetuned.pt",
@@ -122,6 +123,7 @@ EXPECTED_OUTPUTS = [
     "plots/worst_misclassified.png",
     "models/finetuned.calibration.json",
     "reports/model_card.md",
+    "models/finetuned.guard.safetensors",
     "models/finetuned.torchscript.pt",
     "models/finetuned.torchscript.json",
 ]
@@ -356,6 +358,32 @@ def test_class_list_changed_after_extract_is_refused(pipeline, tmp_path, monkeyp
     assert not (work / "models" / "new.pt").exists()
     with pytest.raises(ValueError, match="trained for classes"):
         load_stage("evaluate").main(STAGE_ARGV["evaluate"])
+
+
+def test_evaluate_writes_the_guard_and_measures_it(pipeline):
+    """The guard file beside the model, tied to it, read back as predict reads it; its val
+    share as asked; the test and foreign shares in the metrics and the model card."""
+    from headstart.familiarity import read_guard
+
+    metrics = _read_json(pipeline / "metrics/evaluate.json")
+    guard = metrics["guard"]
+    assert sorted(guard) == [
+        "foreign_caught",
+        "neighbours",
+        "test_flagged",
+        "threshold",
+        "val_flagged",
+    ]
+    assert sorted(guard["foreign_caught"]) == ["blank", "noise"]  # the test params' sets
+    assert all(0.0 <= share <= 1.0 for share in guard["foreign_caught"].values())
+    assert guard["val_flagged"] <= 0.05  # the test params' guard_flag_rate
+    loaded = read_guard(
+        pipeline / "models/finetuned.guard.safetensors", pipeline / "models/finetuned.pt"
+    )
+    assert loaded.threshold == pytest.approx(guard["threshold"], abs=1e-6)
+    assert loaded.neighbours == guard["neighbours"] == 3
+    card = (pipeline / "reports/model_card.md").read_text(encoding="utf-8")
+    assert "| unfamiliar images | flagged when the mean distance to the 3 nearest" in card
 
 
 def test_evaluate_calibration_and_pictures(pipeline):

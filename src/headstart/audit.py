@@ -17,6 +17,7 @@ import numpy as np
 
 from headstart.errors import DataError
 from headstart.folders import SPLITS
+from headstart.neighbours import TILE, nearest_distances, normalised
 from headstart.schemas import read_checked_array, read_json_file
 
 if TYPE_CHECKING:
@@ -25,8 +26,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Rows (and columns) of one tile of the similarity matrix: 2048 x 2048 float32 is 16 MiB.
-TILE = 2048
 # Near-duplicate pairs kept for the report; beyond it the threshold is far too low (groups are
 # still complete: every pair above the threshold is joined, only the listing stops).
 MAX_PAIRS = 100_000
@@ -168,12 +167,6 @@ def label_issues(labels: np.ndarray, probabilities: np.ndarray) -> tuple[np.ndar
     return np.asarray(issues, dtype=np.int64), quality
 
 
-def normalised(features: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit length (cosine similarity is then a dot product)."""
-    norms = np.linalg.norm(features, axis=1, keepdims=True)
-    return (features / np.maximum(norms, 1e-12)).astype(np.float32)
-
-
 def near_duplicate_pairs(
     features: np.ndarray, threshold: float, tile: int = TILE
 ) -> tuple[np.ndarray, np.ndarray, bool]:
@@ -240,30 +233,18 @@ def outlier_scores(
     """(N,) each image's mean Euclidean distance between unit-length features to its k nearest
     train images (itself excluded): large means unlike anything the head trains on.
 
-    Tile by tile, as the near-duplicates: each query tile keeps its k + 1 highest similarities
-    so far (a train image finds itself first, and drops it). The same scores as scikit-learn's
-    brute-force neighbours (tests/test_audit.py), 1.3x faster at 50,000 images (bench/audit.py)."""
+    A train image finds itself first among k + 1 neighbours, and drops it. The same scores as
+    scikit-learn's brute-force neighbours (tests/test_audit.py), 1.3x faster at 50,000 images
+    (bench/audit.py)."""
     unit = normalised(features)
     train = np.flatnonzero(splits == SPLITS.index("train"))
     k = min(neighbours, len(train) - 1)
     if k < 1:
         raise DataError("data/prepared: the outlier score needs two train images or more")
-    reference = unit[train]
+    distances = nearest_distances(unit, unit[train], k + 1, tile)
     is_train = np.zeros(len(unit), dtype=bool)
     is_train[train] = True
-    scores = np.empty(len(unit))
-    for a in range(0, len(unit), tile):
-        best = np.full((min(tile, len(unit) - a), k + 1), -np.inf, dtype=np.float32)
-        for b in range(0, len(reference), tile):
-            both = np.concatenate([best, unit[a : a + tile] @ reference[b : b + tile].T], axis=1)
-            keep = np.argpartition(-both, k, axis=1)[:, : k + 1]
-            best = np.take_along_axis(both, keep, axis=1)
-        best = -np.sort(-best, axis=1)  # (tile, k + 1) similarities, nearest first
-        distances = np.sqrt(np.maximum(2.0 - 2.0 * best.astype(np.float64), 0.0))
-        rows, part = is_train[a : a + tile], scores[a : a + tile]  # part: a view into scores
-        part[rows] = distances[rows, 1:].mean(1)
-        part[~rows] = distances[~rows, :k].mean(1)
-    return scores
+    return np.where(is_train, distances[:, 1:].mean(1), distances[:, :k].mean(1))
 
 
 def outlier_threshold(scores: np.ndarray, splits: np.ndarray, fence: float) -> float:

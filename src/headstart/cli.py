@@ -1,8 +1,10 @@
-"""The `headstart` command: predict with, describe and export a fine-tuned model.
+"""The `headstart` command: predict with, describe, serve and export a fine-tuned model.
 
     headstart predict MODEL IMAGE_OR_FOLDER... [--top-k K] [--format table|csv|json]
                       [--calibration auto|none|FILE] [--tta none|flip]
+                      [--guard auto|none|FILE]
     headstart info MODEL [--format text|json]
+    headstart serve MODEL [--host 127.0.0.1] [--port 8000] [--max-body-mb 32] [--max-files 64]
     headstart export MODEL OUT --format torchscript [--calibration auto|none|FILE]
     headstart params [--format markdown]
 
@@ -65,6 +67,28 @@ def resolve_temperature(model_path: Path, calibration: str) -> float:
     return temperature
 
 
+def resolve_guard(model_path: Path, guard: str):
+    """--guard: `auto` reads MODEL's guard file (models/finetuned.pt ->
+    models/finetuned.guard.safetensors, written by evaluate) when there is one, `none` uses
+    none (every `familiar` is null), anything else is a guard file's path."""
+    from headstart.familiarity import guard_path, read_guard
+
+    if guard == "none":
+        return None
+    path = guard_path(model_path) if guard == "auto" else Path(guard)
+    if not path.is_file():
+        if guard == "auto":
+            log.info("no unfamiliar-image guard beside %s (%s)", model_path, path)
+            return None
+        raise UsageError(f"{path}: guard file not found")
+    try:
+        loaded = read_guard(path, model_path)
+    except HeadstartError as error:
+        raise UsageError(str(error)) from error
+    log.info("unfamiliar-image guard: threshold %.4f from %s", loaded.threshold, path)
+    return loaded
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from headstart.prediction import (
         format_csv,
@@ -84,6 +108,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     model, meta = _load_model(args.model)
     device = resolve_device(args.device, key="--device")
     temperature = resolve_temperature(args.model, args.calibration)
+    guard = resolve_guard(args.model, args.guard)
     paths = list_inputs(args.inputs)
     if not paths:
         raise UsageError(f"no files found in {', '.join(map(str, args.inputs))}")
@@ -97,6 +122,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         num_workers=args.num_workers,
         temperature=temperature,
         tta=args.tta,
+        guard=guard,
     )
     formatter = {"table": format_table, "csv": format_csv, "json": format_json}[args.format]
     sys.stdout.write(formatter(results))
@@ -197,6 +223,32 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from headstart.prediction import Predictor
+    from headstart.runtime import resolve_device
+    from headstart.serve import Limits, Service, serve
+
+    if args.max_body_mb <= 0 or args.max_files < 1:
+        raise UsageError("--max-body-mb must be above 0 and --max-files at least 1")
+    model, meta = _load_model(args.model)
+    temperature = resolve_temperature(args.model, args.calibration)
+    guard = resolve_guard(args.model, args.guard)
+    device = resolve_device(args.device, key="--device")
+    predictor = Predictor(
+        model, meta, device=device, temperature=temperature, tta=args.tta, guard=guard
+    )
+    description = model_info(args.model) | {
+        "temperature": temperature,
+        "tta": args.tta,
+        "guard": None
+        if guard is None
+        else {"neighbours": guard.neighbours, "threshold": guard.threshold},
+    }
+    limits = Limits(int(args.max_body_mb * (1 << 20)), args.max_files)
+    serve(Service(predictor, description), args.host, args.port, limits)
+    return 0
+
+
 def cmd_params(args: argparse.Namespace) -> int:
     from headstart.params_doc import params_reference
 
@@ -239,6 +291,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="test-time augmentation: flip averages the logits of each image and its mirror, "
         "as evaluate.tta: flip (default none)",
     )
+    predict.add_argument(
+        "--guard",
+        default="auto",
+        metavar="auto|none|FILE",
+        help="unfamiliar-image guard: auto (default) uses MODEL's .guard.safetensors beside it "
+        "when present; each image gets `familiar` and its `distance`",
+    )
     predict.set_defaults(run=cmd_predict)
 
     info = commands.add_parser("info", help="describe a checkpoint")
@@ -259,6 +318,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="temperature built into the exported probabilities (as for predict)",
     )
     export.set_defaults(run=cmd_export)
+
+    server = commands.add_parser("serve", help="answer predictions over HTTP (POST /predict)")
+    server.add_argument("model", type=Path)
+    server.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine)"
+    )
+    server.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    for name, what in (("calibration", "temperature"), ("guard", "unfamiliar-image guard")):
+        server.add_argument(
+            f"--{name}", default="auto", metavar="auto|none|FILE", help=f"{what}, as for predict"
+        )
+    server.add_argument("--tta", choices=TTA, default="none")
+    server.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    server.add_argument(
+        "--max-body-mb", type=float, default=32.0, help="largest request body (default 32)"
+    )
+    server.add_argument(
+        "--max-files", type=int, default=64, help="most images in one request (default 64)"
+    )
+    server.set_defaults(run=cmd_serve)
 
     reference = commands.add_parser("params", help="every params.yaml key, with its meaning")
     reference.add_argument("--format", choices=("markdown",), default="markdown")

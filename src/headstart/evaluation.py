@@ -26,9 +26,18 @@ from headstart.calibration import (
 )
 from headstart.environment import describe
 from headstart.errors import DataError
+from headstart.familiarity import (
+    LogitsAndFeatures,
+    build_guard,
+    foreign_images,
+    guard_bytes,
+    reference_sample,
+    split_outputs,
+    summary,
+)
 from headstart.figures import confusion_png, image_grid_png
 from headstart.images import decode_image
-from headstart.inference import run_inference, with_tta
+from headstart.inference import run_inference
 from headstart.loaders import image_loader
 from headstart.metrics import (
     average_precision_by_class,
@@ -47,7 +56,9 @@ from headstart.schemas import read_checked_array, read_json_file
 from headstart.transforms import decode_size, eval_transform, preprocessing
 
 if TYPE_CHECKING:
-    from headstart.index import PreparedData
+    from headstart.familiarity import Guard
+    from headstart.index import Images, PreparedData
+    from headstart.params_stages import EvaluateParams
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +75,7 @@ class Evaluation:
     pictures: dict[str, bytes]
     calibration: dict[str, Any]
     model_card: str
+    guard: bytes  # <model>.guard.safetensors (headstart.familiarity)
 
 
 def evaluate(
@@ -79,6 +91,7 @@ def evaluate(
     calibrate_temperature: bool,
     calibration_file: Path,
     tta: str,
+    guard_settings: EvaluateParams,
     audit: dict[str, Any] | None = None,
 ) -> Evaluation:
     """Score the head (train_head's checkpoint, on the cached test features) and the fine-tuned
@@ -112,23 +125,26 @@ def evaluate(
     with torch.inference_mode():
         head_logits = head(test_x).numpy()  # (N, num_classes)
     head_pred = head_logits.argmax(1)
-    scored = with_tta(model, tta)  # the fine-tuned model as it is scored, val and test
+    # The fine-tuned model as it is scored (val and test), with the features the guard reads.
+    scored = LogitsAndFeatures(model, tta)
 
-    def logits_of(split: str, desc: str) -> tuple[np.ndarray, np.ndarray]:
+    def outputs_of(images: Images, desc: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(logits, pooled features, labels) of the fine-tuned model over `images`."""
         loader = image_loader(
             prepared.root,
-            prepared.split(split),
+            images,
             eval_transform(**preprocessing(meta)),
             decode_size=decode_size(meta),
             batch_size=batch_size,
             num_workers=num_workers,
             pin_memory=torch_device.type == "cuda",
         )
-        return run_inference(
+        outputs, labels = run_inference(
             scored, loader, torch_device, desc=desc, batch_size_key="inference.batch_size"
         )
+        return *split_outputs(outputs, len(classes)), labels
 
-    logits, labels = logits_of("test", "evaluate finetuned")
+    logits, test_features, labels = outputs_of(prepared.split("test"), "evaluate finetuned")
     if not (labels == test_y).all():
         raise DataError(
             f"{features_dir}: test labels differ from the prepared index; rerun extract (dvc repro)"
@@ -139,10 +155,25 @@ def evaluate(
         for name, pred in (("head", head_pred), ("finetuned", finetuned_pred))
     }
 
+    val_logits, val_features, val_labels = outputs_of(prepared.split("val"), "evaluate val")
     if calibrate_temperature:
-        temperature, fit_summary = calibrate(*logits_of("val", "evaluate val (calibration)"))
+        temperature, fit_summary = calibrate(val_logits, val_labels)
     else:
         temperature, fit_summary = 1.0, {}
+    train = prepared.split("train")
+    train = train.subset(reference_sample(len(train.paths), guard_settings.guard_reference))
+    _, train_features, _ = outputs_of(train, "evaluate train (guard reference)")
+    guard = build_guard(
+        train_features,
+        val_features,
+        guard_settings.guard_neighbours,
+        guard_settings.guard_flag_rate,
+    )
+    guard_metrics = summary(guard, guard.scores(val_features), guard.scores(test_features))
+    guard_metrics["foreign_caught"] = {
+        name: _foreign_caught(scored, guard, meta, name, torch_device, batch_size)
+        for name in guard_settings.guard_foreign
+    }
     probabilities = {
         "head": softmax(head_logits),
         "finetuned": softmax(logits),
@@ -166,6 +197,7 @@ def evaluate(
         "tta": tta,
     }
     metrics["test_images"] = int(len(test_y))
+    metrics["guard"] = guard_metrics
     fingerprint = data_fingerprint(prepared.images, classes)
     # Beside the model: the temperature predict and export apply, and (for `headstart info`)
     # what this evaluation measured on which data.
@@ -250,7 +282,31 @@ def evaluate(
             label: scores | {"average_precision": average_precision[label]}
             for label, scores in reports[name]["per_class"].items()
         }
-    return Evaluation(metrics, per_class, environment, plots, pictures, calibration, model_card)
+    return Evaluation(
+        metrics,
+        per_class,
+        environment,
+        plots,
+        pictures,
+        calibration,
+        model_card,
+        guard_bytes(guard, finetuned_model),
+    )
+
+
+def _foreign_caught(
+    scored: LogitsAndFeatures, guard: Guard, meta: dict, name: str, device, batch_size: int
+) -> float:
+    """The share of the foreign set `name` (familiarity.FOREIGN) the guard flags."""
+    transform = eval_transform(**preprocessing(meta))
+    images = [transform(image) for image in foreign_images(name, int(meta["image_size"]))]
+    batches = [
+        (torch.stack(images[i : i + batch_size]), torch.zeros(len(images[i : i + batch_size])))
+        for i in range(0, len(images), batch_size)
+    ]
+    outputs, _ = run_inference(scored, batches, device, desc=f"evaluate guard ({name})")
+    _, features = split_outputs(outputs, len(meta["classes"]))
+    return round(float((~guard.familiar(guard.scores(features))).mean()), 6)
 
 
 def _worst_picture(

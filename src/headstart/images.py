@@ -11,6 +11,7 @@ block the open forever) and extreme aspect ratios (see MAX_ASPECT_RATIO).
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import stat
@@ -85,11 +86,23 @@ def decode_image(path: Path, min_side: int | None = None) -> Decoded:
     allow_truncated, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
     try:
         check_regular(path)
-        return _decode(path, min_side)
+        return _decode(path, min_side, str(path))
     except UnusableImage as error:
         if error.reason == "unreadable" and path.suffix.lower() not in IMAGE_EXTENSIONS:
             raise UnusableImage("not_image", error.detail) from error
         raise
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = allow_truncated
+
+
+def decode_bytes(data: bytes, name: str, min_side: int | None = None) -> Decoded:
+    """decode_image for an image held in memory (an upload to `headstart serve`), with the
+    same checks; `name` only labels the warnings."""
+    allow_truncated, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
+    try:
+        if not data:
+            raise UnusableImage("empty", "no bytes")
+        return _decode(io.BytesIO(data), min_side, name)
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = allow_truncated
 
@@ -128,7 +141,7 @@ def _check_aspect(image: Image.Image) -> None:
         )
 
 
-def _decode(path: Path, min_side: int | None) -> Decoded:
+def _decode(path: Path | io.BytesIO, min_side: int | None, name: str) -> Decoded:
     with warnings.catch_warnings():
         # Above Image.MAX_IMAGE_PIXELS (Pillow's ~89 megapixels) Pillow only warns until 2x;
         # refuse both alike.
@@ -141,7 +154,7 @@ def _decode(path: Path, min_side: int | None) -> Decoded:
                 if min_side is not None and image.format == "JPEG":
                     image.draft("RGB", (min_side, min_side))  # a no-op below 2x min_side
                 image.load()  # decodes the pixels: truncated data fails here
-                oriented, exif_error = _apply_exif_orientation(image, path)
+                oriented, exif_error = _apply_exif_orientation(image, name)
                 return Decoded(to_rgb(oriented), mode, frames, exif_error)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
             raise UnusableImage("too_large", str(error)) from error
@@ -152,13 +165,13 @@ def _decode(path: Path, min_side: int | None) -> Decoded:
             raise UnusableImage(reason, f"{type(error).__name__}: {error}") from error
 
 
-def _apply_exif_orientation(image: Image.Image, path: Path) -> tuple[Image.Image, bool]:
+def _apply_exif_orientation(image: Image.Image, name: str) -> tuple[Image.Image, bool]:
     try:
         return ImageOps.exif_transpose(image), False
     except Exception as error:  # malformed EXIF takes many forms; counted in the data report
         log.warning(
             "%s: unreadable EXIF orientation (%s); using the image as stored",
-            printable(str(path)),
+            printable(name),
             printable(str(error)),
         )
         return image, True

@@ -25,9 +25,8 @@ from ruamel.yaml.error import YAMLError
 from headstart.backbones import BACKBONES, TIMM_PREFIX, backbone_spec, drop_path_unsupported
 from headstart.errors import ParamsError
 from headstart.heads import HEADS
-from headstart.inference import TTA
 from headstart.loaders import SAMPLERS
-from headstart.params_stages import AuditParams
+from headstart.params_stages import AuditParams, EvaluateParams
 from headstart.params_types import RENAMED, check, check_keys, coerce, doc, read_yaml
 from headstart.train import SELECT
 from headstart.transforms import AUGMENTATIONS
@@ -314,21 +313,6 @@ class FinetuneParams:
             f"must be one of {', '.join(AUGMENTATIONS)}",
         )
         check(self.bn in ("frozen", "train"), "finetune.bn", "must be 'frozen' or 'train'")
-
-
-@dataclass(frozen=True)
-class EvaluateParams:
-    """Test metrics and calibration (read by evaluate)."""
-
-    calibrate: bool = doc("Fit a temperature on the validation split; predict and export apply it.")
-    tta: str = doc(
-        f"Test-time augmentation of the fine-tuned model: {' | '.join(TTA)}. `flip`: the mean "
-        "of the logits of the image and its mirror (only where a mirror image is the same "
-        "class). The head, on cached features, is scored without."
-    )
-
-    def validate(self) -> None:
-        check(self.tta in TTA, "evaluate.tta", f"must be one of {', '.join(TTA)}")
 
 
 @dataclass(frozen=True)

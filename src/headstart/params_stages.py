@@ -1,10 +1,12 @@
-"""Params sections of the stages off the main path (the audit), kept apart from params.py so
-each module stays one screenful of jobs. Parsed by headstart.params like every section."""
+"""Params sections of the last stages (evaluate, the audit), kept apart from params.py so each
+module stays one screenful of jobs. Parsed by headstart.params like every section."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from headstart.familiarity import FOREIGN
+from headstart.inference import TTA
 from headstart.params_types import check, doc
 
 # Folds of the audit's cross-validation: 2 is the least that gives every image an out-of-sample
@@ -12,6 +14,46 @@ from headstart.params_types import check, doc
 MAX_FOLDS = 20
 # Images in each of the audit's pictures: beyond this a grid is too large to read.
 MAX_SHOWN = 100
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    """Test metrics, calibration and the unfamiliar-image guard (read by evaluate)."""
+
+    calibrate: bool = doc("Fit a temperature on the validation split; predict and export apply it.")
+    tta: str = doc(
+        f"Test-time augmentation of the fine-tuned model: {' | '.join(TTA)}. `flip`: the mean "
+        "of the logits of the image and its mirror (only where a mirror image is the same "
+        "class). The head, on cached features, is scored without."
+    )
+    guard_neighbours: int = doc(
+        "k of the unfamiliar-image guard: an image's score is its mean feature distance to its "
+        "k nearest train images (docs/using-the-model.md)."
+    )
+    guard_flag_rate: float = doc(
+        "Share of the val images the guard flags as unfamiliar, in (0, 0.5): it sets the "
+        "threshold; about this share of test images is flagged too."
+    )
+    guard_reference: int = doc(
+        "Most train images the guard keeps as its reference (a seeded sample when there are "
+        "more): the guard file holds their features, 2 bytes a number."
+    )
+    guard_foreign: list[str] = doc(
+        f"Foreign image sets evaluate measures the guard on: any of {', '.join(FOREIGN)} "
+        "(uniform noise, solid colours, crops of scikit-image's photos)."
+    )
+
+    def validate(self) -> None:
+        check(self.tta in TTA, "evaluate.tta", f"must be one of {', '.join(TTA)}")
+        check(self.guard_neighbours >= 1, "evaluate.guard_neighbours", "must be at least 1")
+        check(0.0 < self.guard_flag_rate < 0.5, "evaluate.guard_flag_rate", "must be in (0, 0.5)")
+        check(
+            self.guard_reference >= self.guard_neighbours,
+            "evaluate.guard_reference",
+            "must be at least evaluate.guard_neighbours",
+        )
+        unknown = [name for name in self.guard_foreign if name not in FOREIGN]
+        check(not unknown, "evaluate.guard_foreign", f"{unknown}: expected any of {list(FOREIGN)}")
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,9 @@ class Prediction:
     path: str
     classes: list[str] = field(default_factory=list)  # best first
     probabilities: list[float] = field(default_factory=list)
+    # The unfamiliar-image guard's verdict and score (headstart.familiarity); None without one.
+    familiar: bool | None = None
+    distance: float | None = None
     # An UnusableImage reason code (or not_found, unencodable_name) when it failed.
     reason: str | None = None
     detail: str = ""
@@ -47,6 +50,8 @@ class Prediction:
                 {"class": c, "probability": p}
                 for c, p in zip(self.classes, self.probabilities, strict=True)
             ],
+            "familiar": self.familiar,
+            "distance": self.distance,
             "error": None if self.ok else {"reason": self.reason, "detail": self.detail},
         }
 
@@ -94,6 +99,54 @@ def _collate(items):
     return items  # images stacked in predict_files, after the failed ones are set aside
 
 
+class Predictor:
+    """A loaded model ready to score preprocessed image batches: what `headstart predict` and
+    `headstart serve` share. Probabilities are softmax(logits / temperature): the temperature
+    (headstart.calibration) never changes the order of the classes, only how sure the model
+    says it is. `tta`: the test-time augmentation of the logits (inference.TTA), as
+    evaluate.tta applies it. `guard`: the unfamiliar-image guard (headstart.familiarity), or
+    None."""
+
+    def __init__(
+        self, model, meta: dict[str, Any], *, device, temperature=1.0, tta="none", guard=None
+    ):
+        import torch
+
+        from headstart.familiarity import LogitsAndFeatures
+        from headstart.transforms import decode_size, eval_transform, preprocessing
+
+        self.classes = list(meta["classes"])
+        self.transform = eval_transform(**preprocessing(meta))
+        self.decode_size = decode_size(meta)  # as in training: see loaders.ImageDataset
+        self.device = device
+        self.temperature = temperature
+        self.guard = guard
+        self.model = LogitsAndFeatures(model, tta).eval()
+        self.model.to(device, memory_format=torch.channels_last)  # as evaluate runs it
+
+    def score(self, images, results: list[Prediction], top_k: int) -> None:
+        """Fill `results` (one per image) from the (B, 3, S, S) batch `images`."""
+        import torch
+
+        from headstart.familiarity import split_outputs
+
+        with torch.inference_mode():
+            images = images.to(self.device, memory_format=torch.channels_last)
+            outputs = self.model(images).float().cpu()  # (B, num_classes + D)
+        logits, features = split_outputs(outputs, len(self.classes))
+        probabilities = torch.softmax(logits / self.temperature, dim=1)
+        top = probabilities.topk(min(top_k, len(self.classes)), dim=1)  # sorted, best first
+        if self.guard is not None:
+            distances = self.guard.scores(features.numpy())
+            familiar = self.guard.familiar(distances)
+        for row, result in enumerate(results):
+            result.classes = [self.classes[i] for i in top.indices[row].tolist()]
+            result.probabilities = top.values[row].tolist()
+            if self.guard is not None:
+                result.familiar = bool(familiar[row])
+                result.distance = round(float(distances[row]), 6)
+
+
 def predict_files(
     model,
     meta: dict[str, Any],
@@ -105,28 +158,21 @@ def predict_files(
     num_workers: int = 0,
     temperature: float = 1.0,
     tta: str = "none",
+    guard=None,
 ) -> list[Prediction]:
-    """Top-k probabilities, softmax(logits / temperature), for every path, in input order;
-    failures carry a reason. The temperature (headstart.calibration) never changes the order
-    of the classes, only how sure the model says it is. `tta`: the test-time augmentation of
-    the logits (inference.TTA), as evaluate.tta applies it."""
+    """Top-k probabilities for every path, in input order (see Predictor); failures carry a
+    reason."""
     import torch
     from tqdm import tqdm
 
-    from headstart.inference import with_tta
-    from headstart.transforms import decode_size, eval_transform, preprocessing
-
-    transform = eval_transform(**preprocessing(meta))
-    classes = meta["classes"]
+    predictor = Predictor(model, meta, device=device, temperature=temperature, tta=tta, guard=guard)
     loader = torch.utils.data.DataLoader(
-        _InputDataset(paths, transform, decode_size(meta)),
+        _InputDataset(paths, predictor.transform, predictor.decode_size),
         batch_size=batch_size,
         num_workers=num_workers,
         collate_fn=_collate,
     )
     results: list[Prediction] = [Prediction(utf8_safe(str(p))) for p in paths]
-    model = with_tta(model, tta)
-    model.eval().to(device, memory_format=torch.channels_last)  # as evaluate runs it
     progress = tqdm(
         total=len(paths),
         desc="predict",
@@ -134,7 +180,7 @@ def predict_files(
         file=sys.stderr,
         disable=True if len(paths) < PROGRESS_MIN_FILES else None,  # None: only on a terminal
     )
-    with torch.inference_mode(), progress:
+    with progress:
         for items in loader:
             good = []
             for index, image, reason, detail in items:
@@ -144,13 +190,7 @@ def predict_files(
                     good.append((index, image))
             if good:
                 images = torch.stack([image for _, image in good])  # (B, 3, S, S)
-                images = images.to(device, memory_format=torch.channels_last)
-                logits = model(images).float()  # (B, num_classes)
-                probabilities = torch.softmax(logits / temperature, dim=1).cpu()
-                top = probabilities.topk(min(top_k, len(classes)), dim=1)  # sorted, best first
-                for row, (index, _) in enumerate(good):
-                    results[index].classes = [classes[i] for i in top.indices[row].tolist()]
-                    results[index].probabilities = top.values[row].tolist()
+                predictor.score(images, [results[index] for index, _ in good], top_k)
             progress.update(len(items))
     # Logged after the loop so the messages do not tear the progress bar.
     for result in results:
@@ -173,6 +213,8 @@ def format_table(results: list[Prediction]) -> str:
                 f"{printable(c)} ({p:.3f})"
                 for c, p in zip(result.classes, result.probabilities, strict=True)
             )
+            if result.familiar is False:
+                text += f"  UNFAMILIAR (distance {result.distance:.4f})"
         else:
             text = f"ERROR {result.reason}: {printable(result.detail)}"
         lines.append(f"{path:<{width}}  {text}")
@@ -180,13 +222,18 @@ def format_table(results: list[Prediction]) -> str:
 
 
 def format_csv(results: list[Prediction]) -> str:
+    """One row per image and rank; `familiar` (true/false) and `distance` are the guard's,
+    empty without one."""
     rows: list[list[Any]] = []
     for result in results:
         if not result.ok:
-            rows.append([result.path, "", "", "", f"{result.reason}: {result.detail}"])
+            rows.append([result.path, "", "", "", "", "", f"{result.reason}: {result.detail}"])
+        familiar = "" if result.familiar is None else str(result.familiar).lower()
+        distance = "" if result.distance is None else f"{result.distance:.6f}"
         for rank, (c, p) in enumerate(zip(result.classes, result.probabilities, strict=True), 1):
-            rows.append([result.path, rank, c, f"{p:.6f}", ""])
-    return csv_text(["path", "rank", "class", "probability", "error"], rows)
+            rows.append([result.path, rank, c, f"{p:.6f}", familiar, distance, ""])
+    header = ["path", "rank", "class", "probability", "familiar", "distance", "error"]
+    return csv_text(header, rows)
 
 
 def format_json(results: list[Prediction]) -> str:

@@ -137,6 +137,7 @@ def render_model_card(
             ["classes", ", ".join(classes)],
             ["calibration", _calibration_line(calibration)],
             ["test-time augmentation", _tta_line(calibration.get("tta", "none"))],
+            ["unfamiliar images", _guard_line(metrics.get("guard"))],
         ],
     )
     add("")
@@ -353,6 +354,18 @@ def _audit_line(audit: dict[str, Any] | None) -> str:
         f"Data audit ({where}): {', '.join(found)}; a logistic-regression head's "
         f"cross-validated accuracy {_f(cv.get('mean'))} ± {_f(cv.get('std'))} over "
         f"{cv.get('folds', '?')} folds."
+    )
+
+
+def _guard_line(guard: dict[str, Any] | None) -> str:
+    """What the unfamiliar-image guard flags (headstart.familiarity), from evaluate's metrics."""
+    if not guard:
+        return "no guard"
+    caught = ", ".join(f"{share:.0%} of {name}" for name, share in guard["foreign_caught"].items())
+    return (
+        f"flagged when the mean distance to the {guard['neighbours']} nearest train images "
+        f"exceeds {guard['threshold']:.4f}: {guard['val_flagged']:.1%} of val, "
+        f"{guard['test_flagged']:.1%} of test" + (f"; caught {caught}" if caught else "")
     )
 
 
