@@ -128,7 +128,7 @@ def _fit_to(model: Classifier, batch: torch.Tensor, batchnorm: bool) -> None:
         model.head.weight.mul_(scale[:, None])
 
 
-def predicted(checkpoint: Path, paths: list[Path]) -> np.ndarray:
+def predicted(checkpoint: Path, paths: list[Path], tta: str = "none") -> np.ndarray:
     """(N, num_classes) `headstart predict`'s probabilities, in the order of CLASSES."""
     model, meta = load_classifier(checkpoint)
     results = predict_files(
@@ -139,6 +139,7 @@ def predicted(checkpoint: Path, paths: list[Path]) -> np.ndarray:
         batch_size=8,
         device=torch.device("cpu"),
         temperature=TEMPERATURE,
+        tta=tta,
     )
     assert all(result.ok for result in results)
     return np.array(
@@ -203,20 +204,22 @@ def test_the_export_predicts_like_predict_at_batch_1_and_37(family, format_name,
         assert (got.argmax(1) == expected.argmax(1)).all()
 
 
-def _documented_snippet() -> str:
-    """The ONNX journey's Python block in docs/using-the-model.md."""
+def _documented_block(heading: str) -> str:
+    """The first Python block under `heading` in docs/using-the-model.md."""
     text = DOCS.read_text(encoding="utf-8")
-    section = text[text.index("### Run the ONNX file without headstart") :]
+    section = text[text.index(heading) :]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
 def test_the_documented_five_lines_give_predicts_probabilities(images, tmp_path):
     """The docs' snippet, run as written (no headstart import) on files the model was exported
-    to, equals predict on every image. The model resizes to 50 px (crop_pct 0.95), bilinear,
-    then crops 48 px, so the snippet must read the sidecar's steps rather than assume them."""
-    snippet = _documented_snippet()
+    to, equals predict on every image, and the docs' flip recipe after it equals predict
+    --tta flip. The model resizes to 50 px (crop_pct 0.95), bilinear, then crops 48 px, so
+    the snippet must read the sidecar's steps rather than assume them."""
+    snippet = _documented_block("### Run the ONNX file without headstart")
+    flip = _documented_block("### Flip test-time augmentation with an export")
     assert len(snippet.strip().splitlines()) == 5
-    assert "headstart" not in snippet
+    assert "headstart" not in snippet + flip
     checkpoint = _checkpoint(
         tmp_path, "timm:test_convnext.r160_in1k", "none", 48, images, "bilinear"
     )
@@ -228,14 +231,13 @@ def test_the_documented_five_lines_give_predicts_probabilities(images, tmp_path)
     }
     (tmp_path / "model.onnx").write_bytes(data)
     (tmp_path / "model.onnx.json").write_text(json.dumps(description), encoding="utf-8")
+    body = snippet.replace('"photo.jpg"', "path").strip().splitlines() + flip.strip().splitlines()
     program = (
         "import json, sys\n"
         "rows = []\n"
         "for path in sys.argv[1:]:\n"
-        + "".join(
-            f"    {line}\n" for line in snippet.replace('"photo.jpg"', "path").strip().splitlines()
-        )
-        + "    rows.append(probabilities[0].tolist())\n"
+        + "".join(f"    {line}\n" for line in body)
+        + "    rows.append([probabilities[0].tolist(), flip_probabilities[0].tolist()])\n"
         "assert 'headstart' not in sys.modules\n"
         "print(json.dumps(rows))\n"
     )
@@ -247,7 +249,9 @@ def test_the_documented_five_lines_give_predicts_probabilities(images, tmp_path)
         timeout=120,
     )
     assert result.returncode == 0, result.stderr
-    got = np.array(json.loads(result.stdout))
-    expected = predicted(checkpoint, images)
-    assert np.abs(got - expected).max() < 1e-4
-    assert (got.argmax(1) == expected.argmax(1)).all()
+    rows = np.array(json.loads(result.stdout))  # (N, 2, num_classes)
+    for got, tta in ((rows[:, 0], "none"), (rows[:, 1], "flip")):
+        expected = predicted(checkpoint, images, tta)
+        assert np.abs(got - expected).max() < 1e-4, tta
+        assert (got.argmax(1) == expected.argmax(1)).all(), tta
+    assert np.abs(rows[:, 0] - rows[:, 1]).max() > 0.01  # the mirror changes something
