@@ -7,11 +7,13 @@ One process, the shipped EfficientNet-Lite0 (pretrained, a random 10-class head,
   exporter and check): ONNX in onnxruntime (CPUExecutionProvider), TorchScript;
 - torch.export's `.pt2` (torch.export.save / load), the candidate that is not a product format.
 For each: export time, file size, load time, images/s at batch 1 and at --batch (warm-up calls
-not timed), and the largest |probability difference| from eager on one --batch batch. Every
-runtime gets the same thread count (--threads, default 1: the machine is shared).
+not timed; the formats take turns for --rounds rounds and the median is reported, so drift in
+the machine's speed moves every format alike), and the largest |probability difference| from
+eager on one --batch batch. Every runtime gets the same thread count (--threads, default 1:
+the machine is shared). Eager runs channels-last, as predict does.
 
     python bench/export_formats.py
-    python bench/export_formats.py --size 224 --batch 32 --seconds 5
+    python bench/export_formats.py --size 224 --batch 32 --seconds 2 --rounds 5
 
 The last line is each format's speed relative to eager at both batch sizes.
 """
@@ -78,12 +80,12 @@ def _eager(checkpoint: Path, folder: Path):
     start = time.perf_counter()
     model, meta = load_classifier(checkpoint)
     inner = NormalisedClassifier(model, meta["mean"], meta["std"], TEMPERATURE)
-    module = Uint8Input(inner).eval()
+    module = Uint8Input(inner).eval().to(memory_format=torch.channels_last)  # as predict
     loaded = time.perf_counter() - start
 
     def run(images):
         with torch.inference_mode():
-            return module(images).numpy()
+            return module(images.to(memory_format=torch.channels_last)).numpy()
 
     return None, checkpoint.stat().st_size, loaded, run
 
@@ -152,7 +154,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=224, help="input size (Lite0's own: 224)")
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--seconds", type=float, default=5.0, help="timed per measurement")
+    parser.add_argument("--seconds", type=float, default=2.0, help="timed per measurement")
+    parser.add_argument("--rounds", type=int, default=5, help="turns each format takes")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -162,23 +165,29 @@ def main() -> None:
     candidates["torchscript"] = _product("torchscript")
     candidates["pt2"] = _pt2
     single, batch = _images(1, args.size, 1), _images(args.batch, args.size, 2)
-    rows = {}
+    rows, runs = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = _checkpoint(Path(tmp), args.size)
         for name, make in candidates.items():
-            exported, size_bytes, loaded, run = make(checkpoint, Path(tmp))
+            exported, size_bytes, loaded, runs[name] = make(checkpoint, Path(tmp))
             rows[name] = {
                 "export_s": exported,
                 "mb": size_bytes / 1e6,
                 "load_s": loaded,
-                "probabilities": run(batch),
-                "ips_1": _throughput(run, single, args.seconds),
-                "ips_batch": _throughput(run, batch, args.seconds),
+                "probabilities": runs[name](batch),
+                "ips_1": [],
+                "ips_batch": [],
             }
+        for _ in range(args.rounds):
+            for name, run in runs.items():
+                rows[name]["ips_1"].append(_throughput(run, single, args.seconds))
+                rows[name]["ips_batch"].append(_throughput(run, batch, args.seconds))
+    for row in rows.values():
+        row["ips_1"], row["ips_batch"] = np.median(row["ips_1"]), np.median(row["ips_batch"])
     eager = rows["eager"]
     print(
         f"EfficientNet-Lite0 at {args.size} px, {args.threads} thread(s); "
-        f"images/s at batch 1 and {args.batch}"
+        f"images/s at batch 1 and {args.batch}, medians of {args.rounds} rounds"
     )
     print(
         f"{'format':<12} {'export s':>9} {'MB':>7} {'load s':>7} {'img/s b1':>9} "
