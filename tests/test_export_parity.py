@@ -255,3 +255,19 @@ def test_the_documented_five_lines_give_predicts_probabilities(images, tmp_path)
         assert np.abs(got - expected).max() < 1e-4, tta
         assert (got.argmax(1) == expected.argmax(1)).all(), tta
     assert np.abs(rows[:, 0] - rows[:, 1]).max() > 0.01  # the mirror changes something
+
+
+def test_the_format_follows_the_suffix_and_a_contradiction_is_refused():
+    from headstart.errors import UsageError
+    from headstart.export import choose_format
+
+    assert choose_format(Path("models/finetuned.onnx"), None) == "onnx"
+    assert choose_format(Path("model.ts.pt"), None) == "torchscript"
+    assert choose_format(Path("model.bin"), None) == "onnx"  # the default
+    assert choose_format(Path("model.bin"), "torchscript") == "torchscript"
+    with pytest.raises(UsageError, match=r"model\.onnx: \.onnx is the suffix of onnx files, not"):
+        choose_format(Path("model.onnx"), "torchscript")
+    sidecars = {
+        name: spec.sidecar_path(Path("m" + spec.suffix)) for name, spec in EXPORT_FORMATS.items()
+    }
+    assert sidecars == {"onnx": Path("m.onnx.json"), "torchscript": Path("m.json")}
