@@ -55,19 +55,28 @@ def to_onnx(inner: nn.Module, size: int) -> bytes:
     example = _example(2, size, seed=0)
     with warnings.catch_warnings(), _quiet("onnx_ir", "onnxscript"):
         # The exporter's own progress notes and deprecations of internals it calls.
-        warnings.simplefilter("ignore", (FutureWarning, DeprecationWarning, UserWarning))
-        program = torch.onnx.export(
-            model,
-            (example,),
-            input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            opset_version=OPSET,
-            dynamo=True,
-            external_data=False,
-            # One name for the batch axis of the input and (by propagation) of the output.
-            dynamic_shapes={"images": {0: torch.export.Dim("batch")}},
-            verbose=False,
-        )
+        for category in (FutureWarning, DeprecationWarning, UserWarning):
+            warnings.simplefilter("ignore", category)
+        try:
+            program = torch.onnx.export(
+                model,
+                (example,),
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                opset_version=OPSET,
+                dynamo=True,
+                # One file: models above protobuf's 2 GB limit cannot be exported this way.
+                external_data=False,
+                # One name for the batch axis of the input and (by propagation) the output.
+                dynamic_shapes={"images": {0: torch.export.Dim("batch")}},
+                verbose=False,
+            )
+        except torch.onnx.OnnxExporterError as error:
+            first_line = (str(error).splitlines() or [type(error).__name__])[0]
+            raise ArtifactError(
+                f"torch's ONNX exporter cannot export this model ({first_line}); "
+                "use --format torchscript"
+            ) from error
     proto = program.model_proto
     strip_varying(proto)
     data = proto.SerializeToString(deterministic=True)
