@@ -45,7 +45,7 @@ RESULTS = (
     "plots/confusion_finetuned.json",
     "reports/model_card.md",
     "models/finetuned.calibration.json",
-    "models/finetuned.torchscript.pt",
+    "models/finetuned.onnx",
 )
 
 

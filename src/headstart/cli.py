@@ -5,7 +5,7 @@
                       [--guard auto|none|FILE]
     headstart info MODEL [--format text|json]
     headstart serve MODEL [--host 127.0.0.1] [--port 8000] [--max-body-mb 32] [--max-files 64]
-    headstart export MODEL OUT --format torchscript [--calibration auto|none|FILE]
+    headstart export MODEL OUT [--format onnx|torchscript] [--calibration auto|none|FILE]
     headstart params [--format markdown]
 
 Exit codes: 0 all inputs predicted, 1 some input failed (each is reported with its reason),
@@ -207,16 +207,17 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from headstart.calibration import calibration_path
-    from headstart.export import EXPORT_FORMATS, export_paths
+    from headstart.export import choose_format, export_model, export_paths
     from headstart.io import write_bytes, write_json
 
     inputs = [args.model, calibration_path(args.model)]
     if args.calibration not in ("auto", "none"):
         inputs.append(Path(args.calibration))
-    out, side = export_paths(args.out, inputs)
+    format_name = choose_format(args.out, args.format)
+    out, side = export_paths(args.out, inputs, format_name)
     _load_model(args.model)  # a usage error (exit 2) for a missing or unusable model file
     temperature = resolve_temperature(args.model, args.calibration)
-    data, description = EXPORT_FORMATS[args.format](args.model, temperature)
+    data, description = export_model(format_name, args.model, temperature)
     write_bytes(out, data)
     write_json(side, description)
     sys.stdout.write(f"{out}\n{side}\n")
@@ -257,7 +258,7 @@ def cmd_params(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from headstart.export import EXPORT_FORMATS
+    from headstart.export import DEFAULT_FORMAT, EXPORT_FORMATS
     from headstart.inference import TTA
 
     parser = argparse.ArgumentParser(
@@ -306,11 +307,20 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(run=cmd_info)
 
     export = commands.add_parser(
-        "export", help="write TorchScript + sidecar JSON that load without headstart"
+        "export", help="write ONNX (or TorchScript) + sidecar JSON that run without headstart"
     )
     export.add_argument("model", type=Path)
-    export.add_argument("out", type=Path, help="e.g. model.ts.pt; the sidecar is OUT.json")
-    export.add_argument("--format", choices=sorted(EXPORT_FORMATS), default="torchscript")
+    export.add_argument(
+        "out", type=Path, help="e.g. model.onnx (sidecar model.onnx.json) or model.ts.pt"
+    )
+    export.add_argument(
+        "--format",
+        choices=sorted(EXPORT_FORMATS),
+        default=None,
+        help="default: the format whose suffix OUT ends with ("
+        + ", ".join(f"{spec.suffix}: {name}" for name, spec in EXPORT_FORMATS.items())
+        + f"), else {DEFAULT_FORMAT}",
+    )
     export.add_argument(
         "--calibration",
         default="auto",
