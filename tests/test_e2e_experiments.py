@@ -1,10 +1,10 @@
 """Experiments and reproducibility with the real `dvc`: a queued sweep, run by two queue
-workers at once, that reuses the features; a push / clone / pull round trip through a local
-remote (run-cache included); and a from-scratch rerun (tools/reproduce_check.py) that is byte
-for byte the same.
+workers at once, that reuses the features, one of its experiments then applied, committed and
+diffed; a push / clone / pull round trip through a local remote (run-cache included); and a
+from-scratch rerun (tools/reproduce_check.py) that is byte for byte the same.
 
-Every test copies the session's baseline repository (conftest.dvc_baseline: all stages run
-once, committed), so the whole pipeline runs from scratch only once in this file, in the
+Every test copies the run's baseline repository (conftest.dvc_baseline: all stages run once,
+committed), so the whole pipeline runs from scratch only once in this file, in the
 reproduce-check test.
 """
 
