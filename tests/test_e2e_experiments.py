@@ -88,7 +88,7 @@ def _running_experiments(repo: Path) -> int:
 def _wait_for_the_queue(repo: Path, count: int, timeout: float) -> tuple[dict[str, str], int]:
     """Wait until `dvc queue status` lists `count` tasks, none of them queued or running.
     Returns {task: final status} and the most experiments seen running at once. (`dvc queue
-    start` returns at once and has no --wait.) The process table is watched every 0.2 s; `dvc
+    start` returns at once and has no --wait.) The process table is read every second; `dvc
     queue status` (seconds of CPU on a busy machine, taken from the experiments) is asked
     only while none runs."""
     deadline = time.monotonic() + timeout
@@ -97,7 +97,7 @@ def _wait_for_the_queue(repo: Path, count: int, timeout: float) -> tuple[dict[st
         running = _running_experiments(repo)
         most_running = max(most_running, running)
         if running and time.monotonic() < deadline:
-            time.sleep(0.2)
+            time.sleep(1)
             continue
         status = run(repo, "dvc", "queue", "status")
         # Task     Name        Created    Status
