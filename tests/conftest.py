@@ -49,6 +49,9 @@ SLOWEST_FIRST = (
     "test_distributed.py",
     "test_e2e_zoo.py",
     "test_gpu_check.py",
+    "test_export_parity.py",
+    "test_familiarity.py",
+    "test_serve.py",
 )
 
 
