@@ -245,6 +245,8 @@ def test_the_store_never_lives_in_the_data_or_where_git_tracks(
 
     repository = tmp_path / "repository"
     subprocess.run(["git", "init", "-q", str(repository)], check=True)
+    store.check_location(repository / "store", image_folder)  # another repository's: allowed
+    monkeypatch.chdir(repository)  # the project's
     with pytest.raises(UsageError, match="inside the git work tree"):
         store.check_location(repository / "store", image_folder)
     (repository / ".gitignore").write_text("store/\n")

@@ -101,8 +101,9 @@ def _inside(path: Path, folder: Path) -> bool:
 
 
 def check_location(root: Path, data_root: Path | None) -> None:
-    """Refuse a store inside data.dir (or around it: clear would reach the images), or at a
-    path git would track: the store must never change what DVC or git version."""
+    """Refuse a store inside data.dir (or around it: clear would reach the images), or in the
+    git work tree of the current folder (the project) where git does not ignore it: the store
+    must never change what DVC or git version."""
     real, where = Path(os.path.realpath(root)), f"{LOCATION_VARIABLE}={root}"
     if data_root is not None:
         data = Path(os.path.realpath(data_root))
@@ -111,8 +112,9 @@ def check_location(root: Path, data_root: Path | None) -> None:
                 f"{where} overlaps data.dir ({data_root}); point it outside the data, e.g. "
                 "unset it for ~/.cache/headstart"
             )
-    top = next((p for p in (real, *real.parents) if (p / ".git").exists()), None)
-    if top is None:
+    here = Path(os.path.realpath(Path.cwd()))
+    top = next((p for p in (here, *here.parents) if (p / ".git").exists()), None)
+    if top is None or not _inside(real, top):
         return
     try:
         ignored = subprocess.run(
