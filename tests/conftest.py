@@ -60,6 +60,30 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: files stay whole
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_store(tmp_path_factory) -> Iterator[Path]:
+    """The store (headstart.store) of the session's shared fixtures (dvc_baseline), never the
+    real one in the home folder; the dvc subprocesses inherit the variable."""
+    from headstart.store import LOCATION_VARIABLE
+
+    root = tmp_path_factory.mktemp("session-store")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(LOCATION_VARIABLE, str(root))
+        patch.delenv("HEADSTART_CACHE", raising=False)
+        patch.delenv("HEADSTART_CACHE_SIZE", raising=False)
+        yield root
+
+
+@pytest.fixture(autouse=True)
+def store_root(tmp_path_factory, monkeypatch) -> Path:
+    """Each test's own empty store: what one test stores never reaches another."""
+    from headstart.store import LOCATION_VARIABLE
+
+    root = tmp_path_factory.mktemp("store")
+    monkeypatch.setenv(LOCATION_VARIABLE, str(root))
+    return root
+
+
 def draw_image(label: str, seed: int, size: tuple[int, int] = (24, 24)) -> np.ndarray:
     """(H, W, 3) uint8: a class-specific pattern in a class-specific colour, plus noise.
 

@@ -222,6 +222,48 @@ def test_queued_sweep_runs_two_experiments_in_parallel_reusing_the_features(dvc_
     }
 
 
+def test_two_queued_extractions_sharing_the_store_write_what_each_writes_alone(
+    dvc_baseline, tmp_path, store_root, monkeypatch
+):
+    """Two queued experiments that both extract (1 and 2 loader processes: one features key),
+    run at once by `dvc queue start -j 2` in their temporary copies against one empty store:
+    both succeed, the store holds one whole entry per image, and each wrote the features that
+    an extraction alone, from scratch, writes."""
+    repo = _copy_repo(dvc_baseline, tmp_path / "repo")
+    queued = run(repo, "dvc", "exp", "run", "--queue", "-S", "compute.num_workers=1,2", "extract")
+    assert queued.count("Queued experiment") == 2, queued
+    try:
+        _start_the_queue(repo, 2, tmp_path / "queue-start.log")
+        tasks, most_running = _wait_for_the_queue(repo, 2, timeout=300)
+    finally:  # no worker outlives the test, whatever happened
+        _stop_the_queue(repo)
+    assert sorted(tasks.values()) == ["Success", "Success"], tasks
+    assert most_running == 2, "the two experiments never ran at the same time"
+    for task in tasks:
+        assert "Running stage 'extract'" in run(repo, "dvc", "queue", "logs", task)
+    entries = [p for p in (store_root / "features").rglob("*/??/*") if p.is_file()]
+    assert len(entries) == 36 and not [p for p in entries if p.name.endswith(".tmp")]
+
+    # From scratch: no store, and --force past the run-cache entry the queued run left.
+    monkeypatch.setenv("HEADSTART_CACHE", "off")
+    alone = run(repo, "dvc", "exp", "run", "--force", "-S", "compute.num_workers=1", "extract")
+    assert "Running stage 'extract'" in alone
+    rows = json.loads(run(repo, "dvc", "exp", "show", "--json"))
+    workspace = next(row for row in rows if row["rev"] == "workspace")
+    scratch = workspace["data"]["outs"]["data/features"]["hash"]
+    baseline = next(row for row in rows if row["rev"] != "workspace")
+    experiments = [rev["data"] for exp in baseline["experiments"] for rev in exp["revs"]]
+    queued_runs = [
+        e
+        for e in experiments
+        if e["params"]["params.yaml"]["data"]["compute"]["num_workers"] in (1, 2)
+    ]
+    assert len(queued_runs) >= 2, experiments
+    for experiment in queued_runs:
+        assert experiment["outs"]["data/features"]["hash"] == scratch
+    assert baseline["data"]["outs"]["data/features"]["hash"] == scratch  # 0 loader processes
+
+
 def test_push_clone_pull_is_up_to_date_and_the_run_cache_travels(dvc_baseline, tmp_path):
     """Machine A pushes; machine B (a fresh git clone) pulls and has nothing to run, and its
     models give the recorded metrics. Machine C reuses, from the remote's run-cache, a run that

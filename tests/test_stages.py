@@ -316,6 +316,7 @@ def test_extract_is_byte_identical_across_runs(
     tmp_path, monkeypatch, image_folder, params_dict, write_params
 ):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HEADSTART_CACHE", "off")  # both runs compute every image
     (tmp_path / "pretrained").mkdir()
     _save_random_lite0(tmp_path / "pretrained" / "lite0.pth")
     params_dict["backbone"]["weights"] = "pretrained/lite0.pth"

@@ -7,6 +7,7 @@
     headstart serve MODEL [--host 127.0.0.1] [--port 8000] [--max-body-mb 32] [--max-files 64]
     headstart export MODEL OUT [--format onnx|torchscript] [--calibration auto|none|FILE]
     headstart params [--format markdown]
+    headstart cache info|prune|clear [--max-size SIZE] [--format text|json]
 
 Exit codes: 0 all inputs predicted, 1 some input failed (each is reported with its reason),
 2 the command could not run (bad arguments, a missing or unusable model or calibration file,
@@ -257,6 +258,39 @@ def cmd_params(args: argparse.Namespace) -> int:
     return 0
 
 
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.1f} MiB"
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    """The store of per-image work (docs/cache.md): what it holds, pruned, or emptied."""
+    from headstart import store
+
+    if args.action == "prune":
+        cap = store.parse_size(args.max_size, "--max-size") if args.max_size else None
+        done = store.prune(cap)
+        sys.stdout.write(f"removed {done['removed']} entries, {_mib(done['bytes'])} left\n")
+        return 0
+    if args.action == "clear":
+        sys.stdout.write(f"cleared {store.location()}: {_mib(store.clear())} freed\n")
+        return 0
+    found = store.info()
+    if args.format == "json":
+        sys.stdout.write(json.dumps(found, indent=2) + "\n")
+        return 0
+    lines = [
+        f"location  {found['location']} ({'on' if found['on'] else 'off'})",
+        f"size      {_mib(found['bytes'])} on disk, at most {_mib(found['max_bytes'])}",
+    ]
+    for kind, counts in found["kinds"].items():
+        lines.append(
+            f"{kind:<9} {counts['entries']} entries under {counts['keys']} keys, "
+            f"{_mib(counts['bytes'])}"
+        )
+    sys.stdout.write("\n".join(lines) + "\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from headstart.export import DEFAULT_FORMAT, EXPORT_FORMATS
     from headstart.inference import TTA
@@ -352,6 +386,20 @@ def build_parser() -> argparse.ArgumentParser:
     reference = commands.add_parser("params", help="every params.yaml key, with its meaning")
     reference.add_argument("--format", choices=("markdown",), default="markdown")
     reference.set_defaults(run=cmd_params)
+
+    cache = commands.add_parser(
+        "cache", help="the store of per-image features and validation (docs/cache.md)"
+    )
+    cache.add_argument(
+        "action",
+        choices=("info", "prune", "clear"),
+        help="info: location, entries, size; prune: least recently used entries out until "
+        "under the cap (HEADSTART_CACHE_SIZE, default 10G) or --max-size; clear: every entry "
+        "(results never change: what is needed is computed again)",
+    )
+    cache.add_argument("--max-size", metavar="SIZE", help="for prune, e.g. 2G or 500M")
+    cache.add_argument("--format", choices=("text", "json"), default="text", help="for info")
+    cache.set_defaults(run=cmd_cache)
     return parser
 
 
