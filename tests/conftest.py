@@ -7,7 +7,9 @@ are the same on every run.
 from __future__ import annotations
 
 import copy
+import fcntl
 import os
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -32,6 +34,54 @@ def pytest_configure(config: pytest.Config) -> None:
     # default thread count comes from OMP_NUM_THREADS. On a busy 2-core machine a tiny export
     # took 16.6 s with torch's default of 2 threads and 3.5 s with 1.
     os.environ["OMP_NUM_THREADS"] = "1"
+
+
+# The slowest modules, slowest first. xdist (`--dist loadfile --no-loadscope-reorder`, in
+# pyproject.toml) hands each worker whole files in collection order: long files first, so no
+# worker is left running one at the end while the other idles. The first builds the shared
+# dvc_baseline; test_e2e_timm starts with repositories of its own, so the second worker does not
+# wait for it.
+SLOWEST_FIRST = (
+    "test_e2e_experiments.py",
+    "test_e2e_timm.py",
+    "test_e2e_dvc.py",
+    "test_e2e_interrupt.py",
+    "test_distributed.py",
+    "test_e2e_zoo.py",
+    "test_gpu_check.py",
+    "test_export_parity.py",
+    "test_familiarity.py",
+    "test_serve.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: position for position, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: files stay whole
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_store(tmp_path_factory) -> Iterator[Path]:
+    """The store (headstart.store) of the session's shared fixtures (dvc_baseline), never the
+    real one in the home folder; the dvc subprocesses inherit the variable."""
+    from headstart.store import LOCATION_VARIABLE
+
+    root = tmp_path_factory.mktemp("session-store")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(LOCATION_VARIABLE, str(root))
+        patch.delenv("HEADSTART_CACHE", raising=False)
+        patch.delenv("HEADSTART_CACHE_SIZE", raising=False)
+        yield root
+
+
+@pytest.fixture(autouse=True)
+def store_root(tmp_path_factory, monkeypatch) -> Path:
+    """Each test's own empty store: what one test stores never reaches another."""
+    from headstart.store import LOCATION_VARIABLE
+
+    root = tmp_path_factory.mktemp("store")
+    monkeypatch.setenv(LOCATION_VARIABLE, str(root))
+    return root
 
 
 def draw_image(label: str, seed: int, size: tuple[int, int] = (24, 24)) -> np.ndarray:
@@ -239,16 +289,28 @@ def write_params() -> Callable[[Path, dict], Path]:
 def dvc_baseline(tmp_path_factory) -> Iterator[Path]:
     """A git + DVC repository of this project on the synthetic ImageFolder with the end-to-end
     tests' small params (test_e2e_dvc.FAST), whose whole pipeline has run once with `dvc repro`
-    and is committed. Built once and shared by the end-to-end modules: copy it
-    (test_e2e_dvc._copy_repo, cache included) before changing anything."""
+    and is committed. Built once per test run and shared by the end-to-end modules and the
+    xdist workers (the first to need it builds it, under a lock; the others wait for it): copy
+    it (test_e2e_dvc._copy_repo, cache included) before changing anything."""
     from test_e2e_dvc import FAST, make_repo, pipeline_stages, ran_stages, run
 
-    root = tmp_path_factory.mktemp("baseline")
-    repo = make_repo(root, write_image_folder(root / "images"), FAST)
-    output = run(repo, "dvc", "repro")
-    assert ran_stages(output) == pipeline_stages(repo)
-    run(repo, "git", "add", "-A")
-    run(repo, "git", "commit", "-q", "-m", "baseline run")
+    # Under xdist every worker has its own basetemp; their parent is the run's, shared.
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent
+    root = shared / "baseline"
+    with open(shared / "baseline.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not (shared / "baseline.built").exists():
+            shutil.rmtree(root, ignore_errors=True)  # a failed build of another worker
+            root.mkdir()
+            repo = make_repo(root, write_image_folder(root / "images"), FAST)
+            output = run(repo, "dvc", "repro")
+            assert ran_stages(output) == pipeline_stages(repo)
+            run(repo, "git", "add", "-A")
+            run(repo, "git", "commit", "-q", "-m", "baseline run")
+            (shared / "baseline.built").touch()
+    repo = root / "repo"
     yield repo
     # A test that changed the shared repository would have changed what the others saw.
     assert run(repo, "git", "status", "--porcelain") == "", "a test changed the shared baseline"

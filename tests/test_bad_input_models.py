@@ -268,15 +268,18 @@ def test_a_weights_file_under_pretrained_is_accepted(params_dict):
     assert parse_params(params_dict).backbone.weights == "pretrained/resnet50.pth"
 
 
-def test_the_export_given_where_the_checkpoint_belongs_says_so(model_files, tmp_path, capsys):
-    export = tmp_path / "model.ts.pt"
+@pytest.mark.parametrize(("name", "kind"), [("model.ts.pt", "TorchScript"), ("model.onnx", "ONNX")])
+def test_the_export_given_where_the_checkpoint_belongs_says_so(
+    model_files, tmp_path, capsys, name, kind
+):
+    export = tmp_path / name
     assert (
         _cli(capsys, "export", model_files["checkpoint"], export, "--calibration", "none")[0] == 0
     )
     code, err = _cli(capsys, "predict", export, model_files["image"])
     assert code == 2
     line = _one_line(err)
-    assert "TorchScript export" in line and "pass the checkpoint" in line
+    assert f"{kind} export" in line and "pass the checkpoint" in line
 
 
 def test_a_killed_writes_temporary_files_are_ignored_by_git():

@@ -18,6 +18,7 @@ import torch
 from headstart.backbones import build_backbone
 from headstart.checkpoints import save_checkpoint
 from headstart.cli import main
+from headstart.export import EXPORT_FORMATS
 from headstart.inference import FlipTTA, run_inference
 from headstart.io import read_json
 from headstart.loaders import ImageDataset
@@ -438,22 +439,25 @@ def load_rgb(path: Path):
     return decode_image(path).image
 
 
-def test_export_bytes_do_not_depend_on_where_the_code_lives(checkpoint, tmp_path):
+@pytest.mark.parametrize("format_name", sorted(EXPORT_FORMATS))
+def test_export_bytes_do_not_depend_on_where_the_code_lives(checkpoint, tmp_path, format_name):
     """Exports by two fresh processes running two copies of the package, in two folders, are
     byte-identical and name no file of this checkout or environment, so the export stage's DVC
     output has the same md5 in any clone. (The debug records TorchScript writes name source
-    files by absolute path; they are stripped. Within one process a second export differs:
-    TorchScript numbers the classes it compiles, process-wide.)"""
+    files by absolute path, and the ONNX exporter records each node's Python stack; both are
+    stripped. Within one process a second TorchScript export differs: TorchScript numbers the
+    classes it compiles, process-wide.)"""
     import shutil
 
     import headstart
 
     package = Path(headstart.__file__).parent
+    out_name = "model" + EXPORT_FORMATS[format_name].suffix
     outs = []
     for name in ("a", "copy_b"):
         folder = tmp_path / name
         shutil.copytree(package, folder / "src" / "headstart")
-        command = [sys.executable, "-m", "headstart.cli", "export", str(checkpoint), "model.pt"]
+        command = [sys.executable, "-m", "headstart.cli", "export", str(checkpoint), out_name]
         result = subprocess.run(
             command + ["--calibration", "none"],
             cwd=folder,
@@ -462,9 +466,9 @@ def test_export_bytes_do_not_depend_on_where_the_code_lives(checkpoint, tmp_path
             timeout=300,
         )
         assert result.returncode == 0, result.stderr.decode()
-        outs.append((folder / "model.pt").read_bytes())
+        outs.append((folder / out_name).read_bytes())
     assert outs[0] == outs[1]
-    assert b".debug_pkl" not in outs[0]
+    assert b".debug_pkl" not in outs[0] and b"stack_trace" not in outs[0]
     assert str(package).encode() not in outs[0] and str(tmp_path).encode() not in outs[0]
     assert str(Path(torch.__file__).parent).encode() not in outs[0]
 

@@ -1,10 +1,10 @@
 """Experiments and reproducibility with the real `dvc`: a queued sweep, run by two queue
-workers at once, that reuses the features; a push / clone / pull round trip through a local
-remote (run-cache included); and a from-scratch rerun (tools/reproduce_check.py) that is byte
-for byte the same.
+workers at once, that reuses the features, one of its experiments then applied, committed and
+diffed; a push / clone / pull round trip through a local remote (run-cache included); and a
+from-scratch rerun (tools/reproduce_check.py) that is byte for byte the same.
 
-Every test copies the session's baseline repository (conftest.dvc_baseline: all stages run
-once, committed), so the whole pipeline runs from scratch only once in this file, in the
+Every test copies the run's baseline repository (conftest.dvc_baseline: all stages run once,
+committed), so the whole pipeline runs from scratch only once in this file, in the
 reproduce-check test.
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import subprocess
 import sys
@@ -72,13 +73,32 @@ def _start_the_queue(repo: Path, jobs: int, log: Path) -> None:
     assert f"Started '{jobs}' new experiments task queue workers" in output, output
 
 
+def _running_experiments(repo: Path) -> int:
+    """How many of the repository's queued experiments are running now: each runs in its own
+    `dvc exp exec-run --infofile <repo>/.dvc/tmp/exps/...` process, started by a queue worker."""
+    roots = (str(repo), os.path.realpath(repo))
+    count = 0
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = process.info["cmdline"] or []
+        if "exec-run" in cmdline and any(arg.startswith(roots) for arg in cmdline):
+            count += 1
+    return count
+
+
 def _wait_for_the_queue(repo: Path, count: int, timeout: float) -> tuple[dict[str, str], int]:
-    """Poll `dvc queue status` until it lists `count` tasks, none of them queued or running.
-    Returns {task: final status} and the most tasks seen running at once. (`dvc queue start`
-    returns at once and has no --wait.)"""
+    """Wait until `dvc queue status` lists `count` tasks, none of them queued or running.
+    Returns {task: final status} and the most experiments seen running at once. (`dvc queue
+    start` returns at once and has no --wait.) The process table is read every second; `dvc
+    queue status` (seconds of CPU on a busy machine, taken from the experiments) is asked
+    only while none runs."""
     deadline = time.monotonic() + timeout
     most_running = 0
     while True:
+        running = _running_experiments(repo)
+        most_running = max(most_running, running)
+        if running and time.monotonic() < deadline:
+            time.sleep(1)
+            continue
         status = run(repo, "dvc", "queue", "status")
         # Task     Name        Created    Status
         # 0349bd9  ahead-mina  10:35 AM   Running
@@ -89,7 +109,7 @@ def _wait_for_the_queue(repo: Path, count: int, timeout: float) -> tuple[dict[st
             return tasks, most_running
         if time.monotonic() > deadline:
             pytest.fail(f"the queue did not finish in {timeout:.0f} s:\n{status}")
-        time.sleep(1)
+        time.sleep(2)
 
 
 def _stop_the_queue(repo: Path) -> None:
@@ -113,9 +133,21 @@ def _stop_the_queue(repo: Path) -> None:
 def test_queued_sweep_runs_two_experiments_in_parallel_reusing_the_features(dvc_baseline, tmp_path):
     """A sweep of two head experiments, queued, then run by two queue workers at once (`dvc
     queue start -j 2`), each in its own temporary workspace: neither re-extracts features, and
-    each records its own results."""
+    each records its own results. One of them applied to the workspace is up to date (nothing
+    runs); committed, `dvc metrics diff` and `dvc params diff` show exactly what changed."""
     repo = _copy_repo(dvc_baseline, tmp_path / "repo")
-    queued = run(repo, "dvc", "exp", "run", "--queue", "-S", "head.lr=1.0e-3,1.0e-2")
+    epochs = FAST["head.epochs"] + 3  # fewer than head.patience: every epoch runs
+    queued = run(
+        repo,
+        "dvc",
+        "exp",
+        "run",
+        "--queue",
+        "-S",
+        "head.lr=1.0e-3,1.0e-2",
+        "-S",
+        f"head.epochs={epochs}",
+    )
     assert queued.count("Queued experiment") == 2, queued
 
     try:
@@ -137,7 +169,8 @@ def test_queued_sweep_runs_two_experiments_in_parallel_reusing_the_features(dvc_
         for row in json.loads(run(repo, "dvc", "exp", "show", "--json"))
         if row["rev"] != "workspace"
     )
-    experiments = [rev["data"] for exp in baseline_commit["experiments"] for rev in exp["revs"]]
+    revs = [rev for exp in baseline_commit["experiments"] for rev in exp["revs"]]
+    experiments = [rev["data"] for rev in revs]
     assert sorted(e["params"]["params.yaml"]["data"]["head"]["lr"] for e in experiments) == [
         1.0e-3,
         1.0e-2,
@@ -159,6 +192,76 @@ def test_queued_sweep_runs_two_experiments_in_parallel_reusing_the_features(dvc_
         len(head_models) == 2
         and baseline_commit["data"]["outs"]["models/head.pt"]["hash"] not in head_models
     )
+
+    # One experiment in the workspace: its outputs are checked out, nothing needs to run.
+    baseline_step = json.loads((repo / "dvclive/train_head/metrics.json").read_text())["step"]
+    chosen = next(
+        r for r in revs if r["data"]["params"]["params.yaml"]["data"]["head"]["lr"] == 1.0e-2
+    )
+    run(repo, "dvc", "exp", "apply", chosen["rev"])
+    again = run(repo, "dvc", "repro")
+    assert ran_stages(again) == set(), again
+    assert UP_TO_DATE in run(repo, "dvc", "status")
+    run(repo, "git", "commit", "-q", "-am", "a faster head, trained longer")
+
+    metrics = json.loads(run(repo, "dvc", "metrics", "diff", "HEAD~1", "HEAD", "--json"))
+    step = metrics["dvclive/train_head/metrics.json"]["step"]
+    assert step == {"old": baseline_step, "new": epochs - 1, "diff": 3}, metrics
+    # Only changed metrics are listed; the data did not change.
+    assert "metrics/data.json" not in metrics
+    table = run(repo, "dvc", "metrics", "diff", "HEAD~1", "HEAD")
+    assert "dvclive/train_head/metrics.json" in table and "step" in table
+
+    params = json.loads(run(repo, "dvc", "params", "diff", "HEAD~1", "HEAD", "--json"))
+    lr = yaml.safe_load((PROJECT / "params.yaml").read_text())["head"]["lr"]
+    assert params == {
+        "params.yaml": {
+            "head.epochs": {"old": epochs - 3, "new": epochs, "diff": 3},
+            "head.lr": {"old": lr, "new": 1.0e-2, "diff": pytest.approx(1.0e-2 - lr)},
+        }
+    }
+
+
+def test_two_queued_extractions_sharing_the_store_write_what_each_writes_alone(
+    dvc_baseline, tmp_path, store_root, monkeypatch
+):
+    """Two queued experiments that both extract (1 and 2 loader processes: one features key),
+    run at once by `dvc queue start -j 2` in their temporary copies against one empty store:
+    both succeed, the store holds one whole entry per image, and each wrote the features that
+    an extraction alone, from scratch, writes."""
+    repo = _copy_repo(dvc_baseline, tmp_path / "repo")
+    queued = run(repo, "dvc", "exp", "run", "--queue", "-S", "compute.num_workers=1,2", "extract")
+    assert queued.count("Queued experiment") == 2, queued
+    try:
+        _start_the_queue(repo, 2, tmp_path / "queue-start.log")
+        tasks, most_running = _wait_for_the_queue(repo, 2, timeout=300)
+    finally:  # no worker outlives the test, whatever happened
+        _stop_the_queue(repo)
+    assert sorted(tasks.values()) == ["Success", "Success"], tasks
+    assert most_running == 2, "the two experiments never ran at the same time"
+    for task in tasks:
+        assert "Running stage 'extract'" in run(repo, "dvc", "queue", "logs", task)
+    entries = [p for p in (store_root / "features").rglob("*/??/*") if p.is_file()]
+    assert len(entries) == 36 and not [p for p in entries if p.name.endswith(".tmp")]
+
+    # From scratch: no store, and --force past the run-cache entry the queued run left.
+    monkeypatch.setenv("HEADSTART_CACHE", "off")
+    alone = run(repo, "dvc", "exp", "run", "--force", "-S", "compute.num_workers=1", "extract")
+    assert "Running stage 'extract'" in alone
+    rows = json.loads(run(repo, "dvc", "exp", "show", "--json"))
+    workspace = next(row for row in rows if row["rev"] == "workspace")
+    scratch = workspace["data"]["outs"]["data/features"]["hash"]
+    baseline = next(row for row in rows if row["rev"] != "workspace")
+    experiments = [rev["data"] for exp in baseline["experiments"] for rev in exp["revs"]]
+    queued_runs = [
+        e
+        for e in experiments
+        if e["params"]["params.yaml"]["data"]["compute"]["num_workers"] in (1, 2)
+    ]
+    assert len(queued_runs) >= 2, experiments
+    for experiment in queued_runs:
+        assert experiment["outs"]["data/features"]["hash"] == scratch
+    assert baseline["data"]["outs"]["data/features"]["hash"] == scratch  # 0 loader processes
 
 
 def test_push_clone_pull_is_up_to_date_and_the_run_cache_travels(dvc_baseline, tmp_path):
@@ -203,29 +306,25 @@ def test_push_clone_pull_is_up_to_date_and_the_run_cache_travels(dvc_baseline, t
         assert (machine_c / name).read_bytes() == (machine_a / name).read_bytes(), name
 
     # A runs a variant without committing it and pushes its run-cache; C asks for the same
-    # variant. Whatever runs again on C gives byte for byte what it gave on A.
-    variant = {"head.epochs": FAST["head.epochs"] + 1}
+    # variant. Whatever runs again on C gives byte for byte what it gave on A. (A fine-tune
+    # variant: the costliest stage with git-tracked curves, and the fewest stages after it.)
+    variant = {"finetune.epochs": FAST["finetune.epochs"] + 1}
     _set_params(machine_a, variant)
-    assert main_stages(run(machine_a, "dvc", "repro")) == {
-        "train_head",
-        "finetune",
-        "evaluate",
-        "export",
-    }
+    assert main_stages(run(machine_a, "dvc", "repro")) == {"finetune", "evaluate", "export"}
     run(machine_a, "dvc", "push", "--run-cache")
     _set_params(machine_c, variant)
     rerun = run(machine_c, "dvc", "repro", "--pull")
-    _assert_ran_or_restored(rerun, {"train_head", "finetune", "evaluate", "export"}, not_cached)
+    _assert_ran_or_restored(rerun, {"finetune", "evaluate", "export"}, not_cached)
 
     assert _lock(machine_c) == _lock(machine_a)
     assert UP_TO_DATE in run(machine_c, "dvc", "status")
 
     # On A itself, back to the committed params: everything but evaluate and export comes
     # back from the local run-cache, git-tracked curves and metrics included.
-    _set_params(machine_a, {"head.epochs": FAST["head.epochs"]})
+    _set_params(machine_a, {"finetune.epochs": FAST["finetune.epochs"]})
     back = run(machine_a, "dvc", "repro")
     _assert_ran_or_restored(
-        back, {"train_head", "finetune", "evaluate", "export"}, set(_not_run_cached(machine_a))
+        back, {"finetune", "evaluate", "export"}, set(_not_run_cached(machine_a))
     )
     assert _lock(machine_a) == _lock(machine_b)
 

@@ -66,7 +66,9 @@ def test_a_timm_backbone_runs_every_stage_predict_and_export(
     assert record["predictions"][0]["class"] in ("bird", "cat", "dog")
     info = _headstart(repo, "info", "models/finetuned.pt")
     assert info.returncode == 0 and name in info.stdout, info.stdout + info.stderr
-    exported = _headstart(repo, "export", "models/finetuned.pt", str(tmp_path / "model.ts"))
+    exported = _headstart(
+        repo, "export", "models/finetuned.pt", str(tmp_path / "model.ts"), "--format", "torchscript"
+    )
     assert exported.returncode == 0, exported.stderr
     sidecar = json.loads((tmp_path / "model.json").read_text())
     assert sidecar["backbone"] == name and sidecar["image_size"] == input_size

@@ -76,7 +76,7 @@ STAGE_ARGV = {
     "export": [
         "models/finetuned.pt",
         "models/finetuned.calibration.json",
-        "models/finetuned.torchscript.pt",
+        "models/finetuned.onnx",
     ],
 }
 
@@ -124,8 +124,8 @@ EXPECTED_OUTPUTS = [
     "models/finetuned.calibration.json",
     "reports/model_card.md",
     "models/finetuned.guard.safetensors",
-    "models/finetuned.torchscript.pt",
-    "models/finetuned.torchscript.json",
+    "models/finetuned.onnx",
+    "models/finetuned.onnx.json",
 ]
 
 
@@ -316,6 +316,7 @@ def test_extract_is_byte_identical_across_runs(
     tmp_path, monkeypatch, image_folder, params_dict, write_params
 ):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HEADSTART_CACHE", "off")  # both runs compute every image
     (tmp_path / "pretrained").mkdir()
     _save_random_lite0(tmp_path / "pretrained" / "lite0.pth")
     params_dict["backbone"]["weights"] = "pretrained/lite0.pth"
@@ -547,14 +548,15 @@ def test_evaluate_rerun_is_byte_identical(pipeline, tmp_path):
     assert changed == []
 
 
-@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
 def test_export_stage_applies_the_calibration(pipeline):
     """The exported probabilities are the fine-tuned model's, at the fitted temperature."""
+    import onnxruntime
+
     from headstart.images import decode_image
-    from headstart.transforms import eval_transform
+    from headstart.transforms import eval_transform, split_normalization
 
     calibration = _read_json(pipeline / "models/finetuned.calibration.json")
-    sidecar = _read_json(pipeline / "models/finetuned.torchscript.json")
+    sidecar = _read_json(pipeline / "models/finetuned.onnx.json")
     assert sidecar["temperature"] == calibration["temperature"]
     assert sidecar["tta"] == "none"  # never built in, whatever evaluate.tta
     assert sidecar["classes"] == ["bird", "cat", "dog"] and sidecar["image_size"] == 32
@@ -562,13 +564,16 @@ def test_export_stage_applies_the_calibration(pipeline):
     images = [decode_image(pipeline / "images" / r["path"]).image for r in rows]
     model, meta = load_classifier(pipeline / "models/finetuned.pt")
     normalised = eval_transform(32, meta["mean"], meta["std"])
-    plain = eval_transform(32, [0.0] * 3, [1.0] * 3)  # [0, 1]: the export normalises inside
+    pixels, _ = split_normalization(normalised)  # uint8: the export normalises inside
     with torch.inference_mode():
         logits = model(torch.stack([normalised(i) for i in images]))
-        expected = torch.softmax(logits / calibration["temperature"], dim=1)
-        exported = torch.jit.load(str(pipeline / "models/finetuned.torchscript.pt"))
-        got = exported(torch.stack([plain(i) for i in images]))
-    assert (got - expected).abs().max() < 1e-4
+        expected = torch.softmax(logits / calibration["temperature"], dim=1).numpy()
+    session = onnxruntime.InferenceSession(
+        str(pipeline / "models/finetuned.onnx"), providers=["CPUExecutionProvider"]
+    )
+    batch = torch.stack([pixels(i) for i in images]).numpy()
+    (got,) = session.run(None, {sidecar["input"]["name"]: batch})
+    assert np.abs(got - expected).max() < 1e-4
 
 
 def test_info_shows_the_evaluation_beside_the_model(pipeline, capsys):

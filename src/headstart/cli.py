@@ -5,8 +5,9 @@
                       [--guard auto|none|FILE]
     headstart info MODEL [--format text|json]
     headstart serve MODEL [--host 127.0.0.1] [--port 8000] [--max-body-mb 32] [--max-files 64]
-    headstart export MODEL OUT --format torchscript [--calibration auto|none|FILE]
+    headstart export MODEL OUT [--format onnx|torchscript] [--calibration auto|none|FILE]
     headstart params [--format markdown]
+    headstart cache info|prune|clear [--max-size SIZE] [--format text|json]
 
 Exit codes: 0 all inputs predicted, 1 some input failed (each is reported with its reason),
 2 the command could not run (bad arguments, a missing or unusable model or calibration file,
@@ -207,16 +208,17 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from headstart.calibration import calibration_path
-    from headstart.export import EXPORT_FORMATS, export_paths
+    from headstart.export import choose_format, export_model, export_paths
     from headstart.io import write_bytes, write_json
 
     inputs = [args.model, calibration_path(args.model)]
     if args.calibration not in ("auto", "none"):
         inputs.append(Path(args.calibration))
-    out, side = export_paths(args.out, inputs)
+    format_name = choose_format(args.out, args.format)
+    out, side = export_paths(args.out, inputs, format_name)
     _load_model(args.model)  # a usage error (exit 2) for a missing or unusable model file
     temperature = resolve_temperature(args.model, args.calibration)
-    data, description = EXPORT_FORMATS[args.format](args.model, temperature)
+    data, description = export_model(format_name, args.model, temperature)
     write_bytes(out, data)
     write_json(side, description)
     sys.stdout.write(f"{out}\n{side}\n")
@@ -256,8 +258,41 @@ def cmd_params(args: argparse.Namespace) -> int:
     return 0
 
 
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.1f} MiB"
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    """The store of per-image work (docs/cache.md): what it holds, pruned, or emptied."""
+    from headstart import store
+
+    if args.action == "prune":
+        cap = store.parse_size(args.max_size, "--max-size") if args.max_size else None
+        done = store.prune(cap)
+        sys.stdout.write(f"removed {done['removed']} entries, {_mib(done['bytes'])} left\n")
+        return 0
+    if args.action == "clear":
+        sys.stdout.write(f"cleared {store.location()}: {_mib(store.clear())} freed\n")
+        return 0
+    found = store.info()
+    if args.format == "json":
+        sys.stdout.write(json.dumps(found, indent=2) + "\n")
+        return 0
+    lines = [
+        f"location  {found['location']} ({'on' if found['on'] else 'off'})",
+        f"size      {_mib(found['bytes'])} on disk, at most {_mib(found['max_bytes'])}",
+    ]
+    for kind, counts in found["kinds"].items():
+        lines.append(
+            f"{kind:<9} {counts['entries']} entries under {counts['keys']} keys, "
+            f"{_mib(counts['bytes'])}"
+        )
+    sys.stdout.write("\n".join(lines) + "\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from headstart.export import EXPORT_FORMATS
+    from headstart.export import DEFAULT_FORMAT, EXPORT_FORMATS
     from headstart.inference import TTA
 
     parser = argparse.ArgumentParser(
@@ -306,11 +341,20 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(run=cmd_info)
 
     export = commands.add_parser(
-        "export", help="write TorchScript + sidecar JSON that load without headstart"
+        "export", help="write ONNX (or TorchScript) + sidecar JSON that run without headstart"
     )
     export.add_argument("model", type=Path)
-    export.add_argument("out", type=Path, help="e.g. model.ts.pt; the sidecar is OUT.json")
-    export.add_argument("--format", choices=sorted(EXPORT_FORMATS), default="torchscript")
+    export.add_argument(
+        "out", type=Path, help="e.g. model.onnx (sidecar model.onnx.json) or model.ts.pt"
+    )
+    export.add_argument(
+        "--format",
+        choices=sorted(EXPORT_FORMATS),
+        default=None,
+        help="default: the format whose suffix OUT ends with ("
+        + ", ".join(f"{spec.suffix}: {name}" for name, spec in EXPORT_FORMATS.items())
+        + f"), else {DEFAULT_FORMAT}",
+    )
     export.add_argument(
         "--calibration",
         default="auto",
@@ -342,6 +386,20 @@ def build_parser() -> argparse.ArgumentParser:
     reference = commands.add_parser("params", help="every params.yaml key, with its meaning")
     reference.add_argument("--format", choices=("markdown",), default="markdown")
     reference.set_defaults(run=cmd_params)
+
+    cache = commands.add_parser(
+        "cache", help="the store of per-image features and validation (docs/cache.md)"
+    )
+    cache.add_argument(
+        "action",
+        choices=("info", "prune", "clear"),
+        help="info: location, entries, size; prune: least recently used entries out until "
+        "under the cap (HEADSTART_CACHE_SIZE, default 10G) or --max-size; clear: every entry "
+        "(results never change: what is needed is computed again)",
+    )
+    cache.add_argument("--max-size", metavar="SIZE", help="for prune, e.g. 2G or 500M")
+    cache.add_argument("--format", choices=("text", "json"), default="text", help="for info")
+    cache.set_defaults(run=cmd_cache)
     return parser
 
 

@@ -14,13 +14,13 @@ import logging
 import math
 import shutil
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from headstart import distributed
+from headstart import distributed, feature_store, store
 from headstart.backbones import backbone_spec, build_backbone
 from headstart.environment import describe
 from headstart.folders import SPLITS
@@ -31,7 +31,7 @@ from headstart.runtime import precision_name, resolve_device, resolve_precision,
 from headstart.transforms import decode_size, eval_transform, preprocessing, resolve_image_size
 
 if TYPE_CHECKING:
-    from headstart.index import PreparedData
+    from headstart.index import Images, PreparedData
     from headstart.params import BackboneParams, ComputeParams, InferenceParams
 
 log = logging.getLogger(__name__)
@@ -83,39 +83,67 @@ def extract_features(
                 for name in [*meta_files(source), "meta.json"]:
                     shutil.copyfile(source / name, out / name)
             return {"images": len(prepared.images), "seconds": 0.0, "images_per_second": 0.0}
+        images, parts = prepared.images.in_split_order()
+        shelf, found = None, np.zeros(len(images), dtype=bool)
+        off = feature_store.store_off_reason(device, world)
+        if off is not None:
+            log.info("feature store off: %s", off)
+        else:
+            key = feature_store.store_key(meta, backbone, batch_size)
+            shelf = store.open_shelf("features", key, prepared.root)
+            if shelf is not None:
+                found = feature_store.look_up(shelf, images, backbone.num_features)
+        missing = images.subset(~found)
         log.info(
-            "extracting %d images at %dx%d px on %s (%s)",
-            len(prepared.images),
+            "extracting %d images at %dx%d px on %s (%s): %d found in the feature store, "
+            "%d to compute",
+            len(images),
             size,
             size,
             device,
             precision_name(precision),
+            int(found.sum()),
+            len(missing),
         )
-        # One pass over all the splits: one set of loader processes to start and one pipeline
-        # to fill and drain, instead of one per split.
-        images, parts = prepared.images.in_split_order()
-        loader = image_loader(
-            prepared.root,
-            images,
-            eval_transform(**preprocessing(meta)),
-            decode_size=decode_size(meta),
-            batch_size=batch_size,
-            num_workers=compute.num_workers,
-            world=world,
-            pin_memory=device.type == "cuda",
-        )
-        batches = distributed.gather_in_order(
-            iter_inference(
+
+        def run_backbone(which: Images, desc: str = "extract") -> Iterator:
+            # One pass over all the splits: one set of loader processes to start and one
+            # pipeline to fill and drain, instead of one per split. Every batch is computed
+            # full (padded): an image's features never depend on how many share its batch.
+            loader = image_loader(
+                prepared.root,
+                which,
+                eval_transform(**preprocessing(meta)),
+                decode_size=decode_size(meta),
+                batch_size=batch_size,
+                num_workers=compute.num_workers if len(which) > batch_size else 0,
+                world=world,
+                pin_memory=device.type == "cuda",
+            )
+            return iter_inference(
                 backbone,
                 loader,
                 device,
-                desc="extract",
+                desc=desc,
                 batch_size_key="inference.batch_size",
                 precision=precision,
-            ),
-            world,
-            num_batches=math.ceil(len(images) / batch_size),
-        )
+                pad_to=batch_size,
+            )
+
+        if world.size > 1:
+            batches = distributed.gather_in_order(
+                run_backbone(images), world, num_batches=math.ceil(len(images) / batch_size)
+            )
+        else:
+            batches = feature_store.merged(
+                images,
+                found,
+                run_backbone(missing) if len(missing) else iter(()),
+                shelf,
+                backbone.num_features,
+                batch_size,
+                lambda at: next(run_backbone(images.subset([at]), "extract again"))[0][0],
+            )
         start = time.perf_counter()
         # Only rank 0 writes; with several processes the others send it their batches.
         with atomic_dir(features_dir) if world.is_main else contextlib.nullcontext() as out:
@@ -128,8 +156,23 @@ def extract_features(
             # flipped there would otherwise be consumed without a word.
             files = {path.name: sha256_file(path) for path in sorted(out.glob("*.npy"))}
             write_json(out / "meta.json", {**meta, "files": files})
-    rate = len(images) / seconds if seconds > 0 else 0.0
-    log.info("extracted %d images in %.1f s (%.1f images/s)", len(images), seconds, rate)
+    computed = len(missing)
+    rate = computed / seconds if seconds > 0 and computed else 0.0
+    if shelf is not None:
+        if computed >= batch_size:  # the backbone's speed here, for a run that computes little
+            shelf.describe({**key, "images_per_second": round(rate)})
+        elif not computed:
+            rate = float(store.read_description(shelf).get("images_per_second", 0.0))
+        if shelf.written:
+            store.prune_quietly()
+    log.info(
+        "extracted %d images in %.1f s: %d from the feature store, %d computed (%.1f images/s)",
+        len(images),
+        seconds,
+        len(images) - computed,
+        computed,
+        rate,
+    )
     return {"images": len(images), "seconds": round(seconds, 3), "images_per_second": round(rate)}
 
 

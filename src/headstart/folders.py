@@ -10,16 +10,23 @@ valid UTF-8 cannot be written to the index: both are skipped with their reason.
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import platform
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 
+from headstart import store
 from headstart.errors import DataError, MissingFileError
 from headstart.images import MAX_ASPECT_RATIO, UnusableImage, check_regular, decode_image
 from headstart.io import is_utf8, printable, sha256_file, utf8_safe
 from headstart.near_copies import perceptual_hash
+
+log = logging.getLogger(__name__)
 
 # Never classes, never samples: OS and tool droppings (plus every name starting with a dot).
 SYSTEM_NAMES = frozenset({"Thumbs.db", "desktop.ini", "__MACOSX"})
@@ -232,6 +239,7 @@ def index_image_folder(root: Path, perceptual_hashes: bool = False) -> FolderInd
         walker.walk_class(folder, unicodedata.normalize("NFC", folder.name), given_split)
 
     index = FolderIndex(classes, [], walker.skipped, presplit)
+    shelf = store.open_shelf("prepare", validation_key(perceptual_hashes), root)
     # Real files first, then links: a link to an indexed file is a duplicate, not a sample.
     indexed_at: dict[str, str] = {}
     for candidate in sorted(walker.candidates, key=lambda c: (c.via_link, c.relative)):
@@ -240,31 +248,88 @@ def index_image_folder(root: Path, perceptual_hashes: bool = False) -> FolderInd
             index.skipped.append(Skipped(candidate.relative, "link_duplicate", indexed_at[real]))
             continue
         indexed_at[real] = candidate.relative
+        digest = sha256_file(candidate.path)
         try:
-            decoded = decode_image(candidate.path)
+            found = _validate(candidate.path, digest, shelf, perceptual_hashes)
         except UnusableImage as error:
             index.skipped.append(Skipped(candidate.relative, error.reason, error.detail))
             continue
-        index.modes[decoded.mode] += 1
-        index.multi_frame += decoded.frames > 1
-        index.exif_errors += decoded.exif_error
-        width, height = decoded.image.size
-        digest = sha256_file(candidate.path)
-        phash = perceptual_hash(decoded.image) if perceptual_hashes else ""
+        index.modes[found["mode"]] += 1
+        index.multi_frame += found["frames"] > 1
+        index.exif_errors += found["exif_error"]
         index.samples.append(
             Sample(
                 candidate.relative,
                 candidate.label,
                 digest,
-                width,
-                height,
+                found["width"],
+                found["height"],
                 candidate.given_split,
-                phash,
+                found["phash"],
             )
         )
     index.samples.sort(key=lambda s: s.path)
     index.skipped.sort(key=lambda s: s.path)
+    if shelf is not None:
+        log.info(
+            "validated %d files: %d found in the store, %d decoded",
+            shelf.hits + shelf.misses,
+            shelf.hits,
+            shelf.misses,
+        )
+        if shelf.written:
+            store.prune_quietly()
     return index
+
+
+# Bump when what prepare records of a decoded file, or how, changes outside images.py and
+# near_copies.py (whose source is part of the key already): older entries then miss.
+VALIDATION_VERSION = 1
+
+
+def validation_key(perceptual_hashes: bool) -> dict:
+    """What a validated file's record depends on besides its bytes: the code, the limits,
+    Pillow and imagehash."""
+    from PIL import Image
+
+    from headstart import images, near_copies
+
+    return {
+        "kind": "prepare",
+        "version": VALIDATION_VERSION,
+        "perceptual_hashes": perceptual_hashes,
+        "max_aspect_ratio": MAX_ASPECT_RATIO,
+        "max_image_pixels": Image.MAX_IMAGE_PIXELS,
+        "python": platform.python_version(),
+        "packages": {name: metadata.version(name) for name in ("pillow", "imagehash", "numpy")},
+        "code": store.source_digest(images, near_copies),
+    }
+
+
+def _validate(path: Path, digest: str, shelf: store.Shelf | None, perceptual_hashes: bool):
+    """{mode, frames, exif_error, width, height, phash} of a decodable file: from the store
+    when these bytes were validated before, else by decoding it fully (UnusableImage when it
+    cannot be used; refusals are not stored: their reason can depend on the file's name)."""
+    if shelf is not None and (payload := shelf.get(digest)) is not None:
+        found = json.loads(payload)
+        if found["exif_error"]:
+            log.warning(
+                "%s: unreadable EXIF orientation; using the image as stored", printable(str(path))
+            )
+        return found
+    decoded = decode_image(path)
+    width, height = decoded.image.size
+    found = {
+        "mode": decoded.mode,
+        "frames": decoded.frames,
+        "exif_error": decoded.exif_error,
+        "width": width,
+        "height": height,
+        "phash": perceptual_hash(decoded.image) if perceptual_hashes else "",
+    }
+    if shelf is not None:
+        shelf.put(digest, json.dumps(found, sort_keys=True).encode())
+    return found
 
 
 def _check_classes(root: Path, names: list[str]) -> None:

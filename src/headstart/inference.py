@@ -78,19 +78,26 @@ def iter_inference(
     desc: str = "predict",
     batch_size_key: str | None = None,
     precision: torch.dtype | None = None,
+    pad_to: int | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Run `model` in eval mode over the batches; yield (outputs (B, ...) float32, labels (B,)
     int64) per batch, so a caller can stream them to disk.
 
     `batch_size_key` is named in the OutOfMemory error, `precision` is the autocast dtype, as
-    in fit.
+    in fit. `pad_to`: a shorter batch is padded with zeros to this many items and only its own
+    outputs kept: on a CPU an image's outputs then never depend on the size of its batch
+    (oneDNN picks kernels by batch size), only on its own pixels (docs/cache.md).
     """
     model.eval().to(device, memory_format=torch.channels_last)
     with explain_out_of_memory(desc, device, batches, batch_size_key):
         progress = tqdm(batches, desc=desc, leave=False, disable=not is_main_process())
         for number, (inputs, targets) in enumerate(progress, start=1):
+            count = len(inputs)
+            if pad_to is not None and count < pad_to:
+                padding = inputs.new_zeros((pad_to - count, *inputs.shape[1:]))
+                inputs = torch.cat([inputs, padding])
             with torch.inference_mode(), autocast(device, precision):
-                outputs = model(to_device(inputs, device)).float().cpu()
+                outputs = model(to_device(inputs, device))[:count].float().cpu()
             yield outputs.numpy(), torch.as_tensor(targets).numpy().astype(np.int64)
             if number % 16 == 0:
                 release_freed_memory()

@@ -8,6 +8,7 @@ trainable; everything below stays frozen, in eval mode, with its BatchNorm stati
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -164,9 +165,11 @@ def load_classifier(path) -> tuple[Classifier, dict]:
     from headstart.backbones import build_backbone
     from headstart.checkpoints import load_checkpoint
 
-    if archive_kind(path) == "torchscript":
+    kind = "onnx" if Path(path).suffix == ".onnx" else archive_kind(path)
+    if kind in ("onnx", "torchscript"):
+        name = {"onnx": "an ONNX", "torchscript": "a TorchScript"}[kind]
         raise ArtifactError(
-            f"{path}: this is a TorchScript export (what headstart export writes); pass the "
+            f"{path}: this is {name} export (what headstart export writes); pass the "
             "checkpoint it was made from, e.g. models/finetuned.pt"
         )
     state, meta = load_checkpoint(path)

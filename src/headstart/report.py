@@ -145,7 +145,7 @@ def render_model_card(
         "Use: `headstart predict "
         f"{model_file['path']} IMAGE_OR_FOLDER...` (preprocessing is read from the file; the "
         "calibration file beside it is applied when present); "
-        f"`headstart export {model_file['path']} model.ts.pt` for TorchScript."
+        f"`headstart export {model_file['path']} model.onnx` for ONNX (onnxruntime)."
     )
     add("")
 
