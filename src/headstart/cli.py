@@ -284,7 +284,8 @@ def cmd_cache(args: argparse.Namespace) -> int:
     ]
     for kind, counts in found["kinds"].items():
         lines.append(
-            f"{kind:<9} {counts['entries']} entries under {counts['keys']} keys, "
+            f"{kind:<9} {counts['entries']} entries under {counts['keys']} "
+            f"key{'' if counts['keys'] == 1 else 's'}, "
             f"{_mib(counts['bytes'])}"
         )
     sys.stdout.write("\n".join(lines) + "\n")
