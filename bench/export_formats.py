@@ -31,7 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from headstart.backbones import LITE_MEAN, LITE_STD, build_backbone
+from headstart.backbone_specs import LITE_MEAN, LITE_STD
+from headstart.backbones import build_backbone
 from headstart.checkpoints import save_checkpoint
 from headstart.export import EXPORT_FORMATS, NormalisedClassifier, export_model
 from headstart.export_onnx import INPUT_NAME, Uint8Input

@@ -12,6 +12,7 @@ import torch
 import torchvision
 
 from headstart import backbones
+from headstart.backbone_specs import BACKBONES
 from headstart.backbones import build_backbone, load_state_dict_file
 
 
@@ -115,8 +116,8 @@ def test_shipped_lite0_file_matches_the_hash_in_its_name():
     assert hashlib.sha256(path.read_bytes()).hexdigest().startswith("57934424")
 
 
-@pytest.mark.parametrize("name", sorted(backbones.BACKBONES))
+@pytest.mark.parametrize("name", sorted(BACKBONES))
 def test_registry_block_count_matches_the_built_network(name):
     """params.yaml checks finetune.unfreeze against num_blocks before any stage builds a net."""
     built = build_backbone(name, "none")
-    assert len(built.blocks) == backbones.BACKBONES[name].num_blocks
+    assert len(built.blocks) == BACKBONES[name].num_blocks

@@ -34,6 +34,7 @@ PROJECT = Path(__file__).resolve().parents[1]
 PACKAGE = PROJECT / "src" / "headstart"
 NOT_OUTPUT_SHAPING = (
     "__init__.py",
+    "choices.py",
     "errors.py",
     "params.py",
     "params_stages.py",

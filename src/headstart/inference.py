@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from headstart.choices import TTA
 from headstart.distributed import SINGLE, World, gather_in_order, is_main_process, sum_over_ranks
 from headstart.errors import OutOfMemory
 from headstart.io import open_array
@@ -142,7 +143,6 @@ class FlipTTA(nn.Module):
 # evaluate.tta and predict --tta: test-time augmentation name -> wrapper of a classifier on
 # image batches. The head on cached features cannot use it: a feature vector has no mirror.
 TTA_WRAPPERS = {"none": lambda model: model, "flip": FlipTTA}
-TTA = tuple(TTA_WRAPPERS)
 
 
 def with_tta(model: nn.Module, tta: str) -> nn.Module:

@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import Dataset
 from torchvision import transforms
 
+from headstart.choices import SAMPLERS
 from headstart.errors import ParamsError
 from headstart.images import load_rgb
 from headstart.transforms import split_normalization
@@ -20,9 +21,6 @@ from headstart.transforms import split_normalization
 if TYPE_CHECKING:  # loaders do not import distributed at run time
     from headstart.distributed import World
     from headstart.index import Images
-
-# finetune.sampler: the order training visits the images in (see `sampling`).
-SAMPLERS = ("shuffle", "balanced")
 
 
 class ImageDataset(Dataset):

@@ -184,7 +184,7 @@ def _warn_on_other_timm(path, meta: dict) -> None:
     """A timm model rebuilt by another timm version may differ; say so (it still loads)."""
     from importlib import metadata
 
-    from headstart.backbones import TIMM_PREFIX
+    from headstart.backbone_specs import TIMM_PREFIX
 
     if not meta["backbone"].startswith(TIMM_PREFIX):
         return

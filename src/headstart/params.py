@@ -22,14 +22,11 @@ from typing import Any
 
 from ruamel.yaml.error import YAMLError
 
-from headstart.backbones import BACKBONES, TIMM_PREFIX, backbone_spec, drop_path_unsupported
+from headstart.backbone_specs import BACKBONES, TIMM_PREFIX, backbone_spec, drop_path_unsupported
+from headstart.choices import AUGMENTATIONS, HEADS, SAMPLERS, SELECT
 from headstart.errors import ParamsError
-from headstart.heads import HEADS
-from headstart.loaders import SAMPLERS
 from headstart.params_stages import AuditParams, EvaluateParams
 from headstart.params_types import RENAMED, check, check_keys, coerce, doc, read_yaml
-from headstart.train import SELECT
-from headstart.transforms import AUGMENTATIONS
 
 __all__ = ["ParamsError", "Params", "load_params", "parse_params", "as_dict"]
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from headstart.familiarity import FOREIGN
-from headstart.inference import TTA
+from headstart.choices import FOREIGN, TTA
 from headstart.params_types import check, doc
 
 # Folds of the audit's cross-validation: 2 is the least that gives every image an out-of-sample

@@ -97,7 +97,7 @@ def archive_kind(path: Path) -> str | None:
 
 def check_classifier_meta(path: Path, meta: Any) -> dict:
     """A fine-tuned classifier's metadata (finetune's checkpoint)."""
-    from headstart.backbones import BACKBONES, TIMM_PREFIX
+    from headstart.backbone_specs import BACKBONES, TIMM_PREFIX
 
     meta = _check_mapping(path, meta, "metadata")
     _check_kind(path, meta, "classifier", "pass the fine-tuned model, e.g. models/finetuned.pt")

@@ -31,12 +31,8 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from headstart.backbones import (
-    TIMM_PREFIX,
-    BackboneSpec,
-    drop_path_unsupported,
-    load_state_dict_file,
-)
+from headstart.backbone_specs import TIMM_PREFIX, BackboneSpec, drop_path_unsupported
+from headstart.backbones import load_state_dict_file
 from headstart.errors import ArtifactError, MissingFileError, ParamsError
 
 log = logging.getLogger(__name__)

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from headstart.choices import SELECT
 from headstart.distributed import batch_share, data_parallel, is_main_process, sum_over_ranks
 from headstart.errors import (
     DISK_FULL_ERRNOS,
@@ -39,9 +40,6 @@ from headstart.errors import (
 from headstart.inference import autocast, explain_out_of_memory, to_device, validation_scores
 
 log = logging.getLogger(__name__)
-
-# head.select and finetune.select: the val metric that picks the best epoch.
-SELECT = ("accuracy", "balanced_accuracy", "macro_f1")
 
 
 @dataclass
