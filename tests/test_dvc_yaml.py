@@ -219,6 +219,20 @@ def test_every_stage_declares_the_code_and_params_it_reads():
     assert gaps == [], "dvc.yaml misses:\n" + "\n".join(gaps)
 
 
+def test_the_image_folder_is_a_dependency_of_prepare_alone():
+    """Every other stage that reads images (its command takes ${data.dir}) depends on
+    data/prepared, whose index.csv records each image's sha256: a changed image reruns it
+    through prepare, and DVC hashes the folder once per run, not once per stage."""
+    stages = _load_yaml("dvc.yaml")["stages"]
+    with_folder = sorted(name for name, stage in stages.items() if "${data.dir}" in stage["deps"])
+    assert with_folder == ["prepare"]
+    readers = [name for name, stage in stages.items() if "${data.dir}" in stage["cmd"]]
+    assert {"prepare", "extract", "finetune", "evaluate"} <= set(readers)
+    for name in readers:
+        assert name == "prepare" or "data/prepared" in stages[name]["deps"], name
+    assert "data/prepared" in stages["prepare"]["outs"]
+
+
 def test_the_analysis_sees_each_stage_read_something():
     """Guards the guard: if the parsing silently found nothing, the test above would pass."""
     stages = _load_yaml("dvc.yaml")["stages"]

@@ -101,6 +101,7 @@ class _Candidate:
     label: str
     given_split: str | None
     via_link: bool  # reached through a symbolic link (file or folder)
+    real: str  # the file's real path (links resolved): a link to an indexed file is a duplicate
 
 
 class _Walker:
@@ -145,10 +146,12 @@ class _Walker:
         return Skipped(relative, "root_file")
 
     def walk_class(self, folder: Path, label: str, given_split: str | None) -> None:
-        active: set[str] = {os.path.realpath(folder)}
-        self._walk(folder, label, given_split, via_link=False, active=active)
+        real = os.path.realpath(folder)
+        self._walk(folder, real, label, given_split, via_link=False, active={real})
 
-    def _walk(self, folder, label, given_split, via_link: bool, active: set[str]) -> None:
+    def _walk(
+        self, folder, real_folder: str, label, given_split, via_link: bool, active: set[str]
+    ) -> None:
         for entry in sorted(os.scandir(folder), key=lambda e: e.name):
             path = Path(entry.path)
             if is_hidden(entry.name):
@@ -163,24 +166,27 @@ class _Walker:
                     Skipped(self.relative(path), "link_dangling", os.readlink(path))
                 )
                 continue
-            real = os.path.realpath(path)
-            if not Path(real).is_relative_to(self.real_root):
+            # Only a link can lead elsewhere: resolving every path costs an lstat per folder
+            # level per file (seconds at 10,000 files, on every run).
+            real = os.path.realpath(path) if is_link else os.path.join(real_folder, entry.name)
+            if is_link and not Path(real).is_relative_to(self.real_root):
                 self.skipped.append(Skipped(self.relative(path), "link_outside", real))
                 continue
             if entry.is_dir():
                 if real in active or self.real_root.is_relative_to(real):
                     self.skipped.append(Skipped(self.relative(path), "link_loop", real))
                     continue
-                self._walk(path, label, given_split, via_link or is_link, active | {real})
+                linked = via_link or is_link
+                self._walk(path, real, label, given_split, linked, active | {real})
             else:
                 try:
                     check_regular(path)  # never opened otherwise: a FIFO would block prepare
                 except UnusableImage as error:
                     self.skipped.append(Skipped(self.relative(path), error.reason, error.detail))
                     continue
-                self.candidates.append(
-                    _Candidate(path, self.relative(path), label, given_split, via_link or is_link)
-                )
+                relative = self.relative(path)
+                linked = via_link or is_link
+                self.candidates.append(_Candidate(path, relative, label, given_split, linked, real))
 
 
 def index_image_folder(root: Path, perceptual_hashes: bool = False) -> FolderIndex:
@@ -243,11 +249,12 @@ def index_image_folder(root: Path, perceptual_hashes: bool = False) -> FolderInd
     # Real files first, then links: a link to an indexed file is a duplicate, not a sample.
     indexed_at: dict[str, str] = {}
     for candidate in sorted(walker.candidates, key=lambda c: (c.via_link, c.relative)):
-        real = os.path.realpath(candidate.path)
-        if real in indexed_at:
-            index.skipped.append(Skipped(candidate.relative, "link_duplicate", indexed_at[real]))
+        if candidate.real in indexed_at:
+            index.skipped.append(
+                Skipped(candidate.relative, "link_duplicate", indexed_at[candidate.real])
+            )
             continue
-        indexed_at[real] = candidate.relative
+        indexed_at[candidate.real] = candidate.relative
         digest = sha256_file(candidate.path)
         try:
             found = _validate(candidate.path, digest, shelf, perceptual_hashes)
