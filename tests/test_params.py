@@ -15,6 +15,7 @@ import yaml
 from headstart import choices
 from headstart.backbone_specs import BACKBONES
 from headstart.choices import SAMPLERS, SELECT
+from headstart.export import EXPORT_FORMATS
 from headstart.familiarity import FOREIGN
 from headstart.heads import HEADS
 from headstart.inference import TTA_WRAPPERS
@@ -282,6 +283,9 @@ def test_each_registry_holds_exactly_the_names_params_accepts_in_order():
     assert tuple(AUGMENTATIONS) == choices.AUGMENTATIONS
     assert tuple(TTA_WRAPPERS) == choices.TTA
     assert tuple(FOREIGN) == choices.FOREIGN
+    suffixes = {name: spec.suffix for name, spec in EXPORT_FORMATS.items()}
+    assert suffixes == choices.EXPORT_SUFFIXES
+    assert list(suffixes) == list(choices.EXPORT_SUFFIXES)
 
 
 def test_reading_params_imports_no_torch():

@@ -293,8 +293,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from headstart.choices import TTA
-    from headstart.export import DEFAULT_FORMAT, EXPORT_FORMATS
+    from headstart.choices import DEFAULT_EXPORT_FORMAT, EXPORT_SUFFIXES, TTA
 
     parser = argparse.ArgumentParser(
         prog="headstart",
@@ -350,11 +349,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument(
         "--format",
-        choices=sorted(EXPORT_FORMATS),
+        choices=sorted(EXPORT_SUFFIXES),
         default=None,
         help="default: the format whose suffix OUT ends with ("
-        + ", ".join(f"{spec.suffix}: {name}" for name, spec in EXPORT_FORMATS.items())
-        + f"), else {DEFAULT_FORMAT}",
+        + ", ".join(f"{suffix}: {name}" for name, suffix in EXPORT_SUFFIXES.items())
+        + f"), else {DEFAULT_EXPORT_FORMAT}",
     )
     export.add_argument(
         "--calibration",

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from headstart.choices import DEFAULT_EXPORT_FORMAT
 from headstart.errors import ArtifactError, UsageError
 from headstart.export_onnx import INPUT_NAME, OPSET, OUTPUT_NAME, to_onnx
 from headstart.model import Classifier
@@ -312,4 +313,4 @@ EXPORT_FORMATS: dict[str, ExportFormat] = {
         "torch.jit.load",
     ),
 }
-DEFAULT_FORMAT = "onnx"
+DEFAULT_FORMAT = DEFAULT_EXPORT_FORMAT
