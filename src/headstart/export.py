@@ -227,10 +227,10 @@ def export_model(
 
 def choose_format(out: Path, format_name: str | None) -> str:
     """The format for OUT: `format_name` when given, else the one whose suffix OUT ends with,
-    else DEFAULT_FORMAT. A UsageError when OUT's suffix is another format's."""
+    else choices.DEFAULT_EXPORT_FORMAT. A UsageError when OUT's suffix is another format's."""
     by_suffix = [name for name, spec in EXPORT_FORMATS.items() if out.name.endswith(spec.suffix)]
     if format_name is None:
-        return by_suffix[0] if by_suffix else DEFAULT_FORMAT
+        return by_suffix[0] if by_suffix else DEFAULT_EXPORT_FORMAT
     if by_suffix and format_name not in by_suffix:
         raise UsageError(
             f"{out}: {EXPORT_FORMATS[by_suffix[0]].suffix} is the suffix of {by_suffix[0]} "
@@ -313,4 +313,3 @@ EXPORT_FORMATS: dict[str, ExportFormat] = {
         "torch.jit.load",
     ),
 }
-DEFAULT_FORMAT = DEFAULT_EXPORT_FORMAT
